@@ -1,0 +1,32 @@
+# tiny-rlhf: `make run` executes the notebooks in order, `make test` runs the test suite.
+# Both create .venv when it is missing and install requirements.txt into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+NOTEBOOKS := 0_download 1_actor 2_critic 3_rlhf 4_test
+
+.PHONY: install run test clean-model
+
+$(VENV)/.installed: requirements.txt
+	@echo ">>> creating $(VENV) and installing requirements (first time: a few minutes)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -r requirements.txt
+	@touch $@
+
+install: $(VENV)/.installed
+
+# executes each notebook in place with papermill, so the outputs you see are the ones of this run
+run: install
+	@for nb in $(NOTEBOOKS); do \
+	  [ -f $$nb.ipynb ] || continue; \
+	  echo ">>> $$nb.ipynb"; \
+	  $(PY) -m papermill --log-output --no-progress-bar -k python3 $$nb.ipynb $$nb.ipynb || exit 1; \
+	done
+
+# unit tests, then every notebook in the smoke preset (outputs go to a temp dir, never to model/)
+test: install
+	$(PY) -m pytest -q tests
+	RLHF_PRESET=smoke $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(wildcard [0-9]_*.ipynb)
+
+clean-model:
+	rm -rf model/*/ model/report.json

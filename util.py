@@ -1,0 +1,1288 @@
+"""tiny-rlhf helpers, in pipeline order: config, device, data, tokenizer, models, generation, SFT, reward, PPO,
+evaluation, plotting, CLI. The notebooks tell the story; this file holds the code they share."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+# ============================================================================ config / presets
+
+
+@dataclasses.dataclass
+class Config:
+    """Every knob of the pipeline; a preset fills it, a notebook or env var may override fields."""
+    preset: str = "tiny"
+    seed: int = 0
+    data_dir: str = str(ROOT / "dataset")
+    out_dir: str = str(ROOT / "model")          # RLHF_OUT moves it (tests use a temp dir)
+    tokenizer_dir: str = str(ROOT / "tokenizer")
+    # models: tiny = a small OPT trained from scratch; opt = hub checkpoints (or local dirs laid out like them)
+    actor_hub: str = ""
+    critic_hub: str = ""
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 4
+    max_positions: int = 192
+    # data limits (0 = all rows)
+    n_train: int = 0
+    n_eval: int = 600
+    max_prompt_tokens: int = 112
+    max_response_tokens: int = 40
+    # SFT
+    sft_epochs: float = 6.0
+    sft_batch_size: int = 32
+    sft_lr: float = 2e-3
+    # reward model
+    rm_epochs: float = 1.0
+    rm_batch_size: int = 32
+    rm_lr: float = 5e-4
+    rm_freeze_backbone: bool = False
+    # PPO
+    ppo_iterations: int = 60
+    rollout_batch_size: int = 64
+    ppo_minibatch_size: int = 16
+    ppo_epochs: int = 4
+    ppo_lr: float = 3e-4
+    ppo_vf_lr: float = 3e-4
+    temperature: float = 0.7                    # rollouts and sampled evaluation use the same temperature
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"                    # "k1" (log-ratio) or "k3" (unbiased, always >= 0)
+    kl_target: float = 0.0                      # > 0 turns on the adaptive KL controller
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    max_grad_norm: float = 1.0
+    missing_eos_penalty: float = 1.0
+    whiten_rewards: bool = False
+    save_every: int = 20
+    # evaluation
+    eval_batch_size: int = 128
+
+    def path(self, *parts) -> Path:
+        """A path under the output directory."""
+        return Path(self.out_dir, *parts)
+
+
+PRESETS = {
+    # seconds: only checks that every stage runs end to end
+    "smoke": dict(d_model=32, n_layers=1, n_heads=2, n_train=64, n_eval=16, sft_epochs=1, sft_batch_size=16,
+                  rm_epochs=1, rm_batch_size=16, ppo_iterations=2, rollout_batch_size=8, ppo_minibatch_size=4,
+                  ppo_epochs=2, save_every=1, max_response_tokens=24, eval_batch_size=16),
+    # minutes on a laptop CPU: a small OPT trained from scratch on the shipped data
+    "tiny": dict(),
+    # a GPU and a reachable hub: real OPT checkpoints, fine-tuned
+    "opt": dict(actor_hub="facebook/opt-350m", critic_hub="facebook/opt-125m", n_layers=0, d_model=0,
+                sft_epochs=2, sft_batch_size=16, sft_lr=2e-5, rm_epochs=1, rm_batch_size=16, rm_lr=1e-5,
+                ppo_lr=1e-6, ppo_vf_lr=1e-5, max_positions=2048),
+}
+
+
+def default_preset() -> str:
+    """RLHF_PRESET if set, else opt with a GPU and a reachable hub, else tiny."""
+    if os.environ.get("RLHF_PRESET"):
+        return os.environ["RLHF_PRESET"]
+    import torch
+    if torch.cuda.is_available() and hub_reachable():
+        return "opt"
+    return "tiny"
+
+
+def get_config(preset: str | None = None, **overrides) -> Config:
+    """The config of a preset (default_preset() when None), with RLHF_OUT and explicit overrides applied."""
+    preset = preset or default_preset()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+    fields = {**PRESETS[preset], **overrides}
+    if os.environ.get("RLHF_OUT"):
+        fields.setdefault("out_dir", os.environ["RLHF_OUT"])
+    return Config(preset=preset, **fields)
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 4.0) -> bool:
+    """True if a TCP connection to the hub opens within `timeout` seconds (DNS included), never longer."""
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)                           # a hanging DNS lookup cannot hold us past the timeout
+    return bool(result and result[0])
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    from transformers import set_seed as hf_set_seed
+    hf_set_seed(seed)
+
+
+# ============================================================================ device
+
+
+def in_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules
+
+
+def get_device():
+    """CUDA, else Apple MPS, else CPU (accelerate decides); printed so the reader knows."""
+    from accelerate import PartialState
+    device = PartialState().device
+    extra = " (Google Colab)" if in_colab() else ""
+    print(f"device: {device}{extra}")
+    return device
+
+
+def colab_setup(requirements: str = "requirements.txt", run=None) -> list[str]:
+    """In Colab, pip-install the requirements except torch (Colab's own build stays); elsewhere do nothing."""
+    if not in_colab():
+        return []
+    lines = [ln.strip() for ln in Path(requirements).read_text().splitlines()]
+    pkgs = [ln for ln in lines if ln and not ln.startswith("#") and not re.match(r"torch\b", ln)]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", *pkgs]
+    import subprocess
+    (run or subprocess.check_call)(cmd)
+    return cmd
+
+
+# ============================================================================ data: the text-to-SQL preference set
+#
+# Each row: a CREATE TABLE context, a question, and the SQL that answers it. `chosen` is correct, `rejected` is a
+# plausible mistake, `response` is a human-style demonstration with systematic habits, and `setup_sql` fills the
+# table so that any SQL can be executed and compared with the gold answer (execution accuracy).
+
+TABLES = ["employee", "player", "city", "book", "ship", "school", "movie", "song", "team", "store", "car", "hotel",
+          "airport", "student", "museum", "restaurant", "river", "mountain", "company", "club", "singer", "film",
+          "station", "bridge", "farm", "park", "race", "journal", "gym", "bakery", "festival", "library"]
+TEXT_COLUMNS = {
+    "name": ["Alice", "Bruno", "Chen", "Dana", "Emil", "Farah", "Goran", "Hana", "Ivo", "Juno", "Kira", "Luis"],
+    "city": ["Paris", "Lima", "Oslo", "Cairo", "Delhi", "Quito", "Rome", "Tokyo", "Accra", "Perth", "Dublin"],
+    "country": ["France", "Peru", "Norway", "Egypt", "India", "Chile", "Italy", "Japan", "Ghana", "Kenya"],
+    "team": ["Lions", "Eagles", "Sharks", "Wolves", "Bears", "Hawks", "Tigers", "Owls", "Foxes"],
+    "color": ["red", "blue", "green", "black", "white", "yellow", "orange", "purple", "grey"],
+    "genre": ["drama", "comedy", "jazz", "rock", "horror", "poetry", "fantasy", "history", "folk"],
+    "status": ["active", "retired", "pending", "closed", "open", "paused", "sold"],
+    "region": ["north", "south", "east", "west", "central", "coastal", "inland"],
+    "owner": ["Acme", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Hooli", "Vandelay"],
+    "category": ["gold", "silver", "bronze", "basic", "premium", "standard"],
+    "language": ["English", "Spanish", "French", "Hindi", "Arabic", "Swahili", "Korean"],
+    "position": ["forward", "guard", "center", "keeper", "striker", "winger"],
+}
+NUMBER_COLUMNS = {
+    "age": (18, 70), "salary": (1000, 9000), "height": (150, 210), "weight": (40, 120), "population": (500, 9000),
+    "score": (1, 100), "price": (5, 500), "year": (1950, 2024), "rank": (1, 60), "points": (0, 99),
+    "capacity": (20, 900), "length": (10, 700), "rating": (1, 10), "budget": (100, 999), "floors": (1, 80),
+    "members": (3, 300), "wins": (0, 40), "goals": (0, 50), "pages": (40, 900), "seats": (2, 500),
+}
+AGGREGATES = {"MAX": "highest", "MIN": "lowest", "AVG": "average", "SUM": "total"}
+FAMILIES = ["lookup", "count", "aggregate", "compare", "and", "order", "distinct", "agg_where"]
+# the demonstrators' recurring habits: in these families most demos make the same mistake
+HABITS = {"compare": "'more/less than' written as >= / <=", "and": "second condition dropped",
+          "distinct": "DISTINCT forgotten in COUNT"}
+HABIT_RATE = 0.85
+
+
+def plural(word: str) -> str:
+    """English plural of a table noun (city -> cities, bus -> buses)."""
+    if word.endswith("y") and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + ("es" if word.endswith(("s", "sh", "ch", "x")) else "s")
+
+
+def _sql_value(v) -> str:
+    """An SQL literal: numbers bare, text single-quoted."""
+    return str(v) if isinstance(v, int) else "'" + v.replace("'", "''") + "'"
+
+
+def _make_table(rng: random.Random) -> dict:
+    """A random table: name, 2 text and 2 number columns, 7 rows with a repeated text value and distinct numbers."""
+    name = rng.choice(TABLES)
+    texts = rng.sample(sorted(TEXT_COLUMNS), 2)
+    nums = rng.sample(sorted(NUMBER_COLUMNS), 2)
+    columns = [texts[0], nums[0], texts[1], nums[1]]
+    n_rows = 7
+    data = {c: [rng.choice(TEXT_COLUMNS[c]) for _ in range(n_rows)] for c in texts}
+    for c in texts:                          # a repeated value, so DISTINCT and COUNT(*) questions bite
+        data[c][rng.randrange(1, n_rows)] = data[c][0]
+    for c in nums:                           # distinct numbers, so highest/lowest have one answer
+        lo, hi = NUMBER_COLUMNS[c]
+        data[c] = rng.sample(range(lo, hi + 1), n_rows)
+    rows = [tuple(data[c][i] for c in columns) for i in range(n_rows)]
+    return dict(name=name, columns=columns, texts=texts, nums=nums, rows=rows)
+
+
+def _create_sql(t: dict) -> str:
+    cols = ", ".join(f"{c} {'INTEGER' if c in NUMBER_COLUMNS else 'VARCHAR'}" for c in t["columns"])
+    return f"CREATE TABLE {t['name']} ({cols})"
+
+
+def _setup_sql(t: dict) -> str:
+    inserts = " ".join(f"INSERT INTO {t['name']} VALUES ({', '.join(_sql_value(v) for v in r)});" for r in t["rows"])
+    return _create_sql(t) + "; " + inserts
+
+
+def _question(rng: random.Random, t: dict, family: str) -> tuple[str, str, str, list[str]]:
+    """(question, gold SQL, habit SQL or '', list of wrong SQL) for one family on table t."""
+    T, rows, cols = t["name"], t["rows"], t["columns"]
+    Ts = plural(T)
+    b, c = t["texts"]
+    n, m = t["nums"]
+    idx = {col: i for i, col in enumerate(cols)}
+    row = rng.choice(rows)
+    v, w, k = row[idx[b]], row[idx[c]], row[idx[n]]
+    other_v = rng.choice([x for x in TEXT_COLUMNS[b] if x != v])
+    a = rng.choice([x for x in cols if x != b])
+    wrong_a = rng.choice([x for x in cols if x not in (a, b)])
+    habit = ""
+    if family == "lookup":
+        q = rng.choice([f"What is the {a} of the {T} whose {b} is {v}?", f"What {a} does the {T} with {b} {v} have?"])
+        gold = f"SELECT {a} FROM {T} WHERE {b} = '{v}'"
+        wrong = [f"SELECT {wrong_a} FROM {T} WHERE {b} = '{v}'", f"SELECT {a} FROM {T} WHERE {b} = '{other_v}'",
+                 f"SELECT {a} FROM {T}", f"SELECT {a} FROM {T} WHERE {b} = {v}", f"SELECT {a} {T} WHERE {b} = '{v}'"]
+    elif family == "count":
+        q = rng.choice([f"How many {Ts} have {b} {v}?", f"Count the {Ts} whose {b} is {v}."])
+        gold = f"SELECT COUNT(*) FROM {T} WHERE {b} = '{v}'"
+        wrong = [f"SELECT COUNT(*) FROM {T}", f"SELECT COUNT(*) FROM {T} WHERE {b} = '{other_v}'",
+                 f"SELECT COUNT(*) FROM {T} WHERE {b} != '{v}'", f"SELECT {b} FROM {T} WHERE {b} = '{v}'",
+                 f"SELECT COUNT(*) FROM WHERE {b} = '{v}'"]
+    elif family == "aggregate":
+        agg = rng.choice(sorted(AGGREGATES))
+        q = rng.choice([f"What is the {AGGREGATES[agg]} {n} of all {Ts}?", f"Find the {AGGREGATES[agg]} {n} among {Ts}."])
+        gold = f"SELECT {agg}({n}) FROM {T}"
+        wrong = [f"SELECT {a2}({n}) FROM {T}" for a2 in sorted(AGGREGATES) if a2 != agg] + \
+                [f"SELECT {agg}({m}) FROM {T}", f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{v}'", f"SELECT {agg}({n} FROM {T}"]
+    elif family == "compare":
+        k = sorted(r[idx[n]] for r in rows)[rng.randrange(2, 5)]   # a value in the table, with rows on both sides
+        op, word = rng.choice([(">", "more than"), ("<", "less than")])
+        q = rng.choice([f"List the {a} of {Ts} with {n} {word} {k}.", f"Which {a} belongs to {Ts} whose {n} is {word} {k}?"])
+        gold = f"SELECT {a} FROM {T} WHERE {n} {op} {k}"
+        habit = f"SELECT {a} FROM {T} WHERE {n} {op}= {k}"
+        flip = "<" if op == ">" else ">"
+        wrong = [habit, f"SELECT {a} FROM {T} WHERE {n} {flip} {k}", f"SELECT {wrong_a} FROM {T} WHERE {n} {op} {k}",
+                 f"SELECT {a} FROM {T} WHERE {m} {op} {k}", f"SELECT {a} FROM {T} WHERE {n} = {k}", f"SELECT {a} FROM {T} {n} {op} {k}"]
+    elif family == "and":
+        q = rng.choice([f"What is the {n} of the {T} whose {b} is {v} and {c} is {w}?",
+                        f"Give the {n} of {Ts} with {b} {v} and {c} {w}."])
+        gold = f"SELECT {n} FROM {T} WHERE {b} = '{v}' AND {c} = '{w}'"
+        habit = f"SELECT {n} FROM {T} WHERE {b} = '{v}'"
+        wrong = [habit, f"SELECT {n} FROM {T} WHERE {b} = '{v}' OR {c} = '{w}'", f"SELECT {n} FROM {T} WHERE {c} = '{w}'",
+                 f"SELECT {m} FROM {T} WHERE {b} = '{v}' AND {c} = '{w}'", f"SELECT {n} FROM {T} WHERE {b} = '{v}' AND {c} = '{w}"]
+    elif family == "order":
+        desc = rng.random() < 0.5
+        word = "highest" if desc else "lowest"
+        q = rng.choice([f"Which {b} has the {word} {n}?", f"Name the {b} of the {T} with the {word} {n}."])
+        gold = f"SELECT {b} FROM {T} ORDER BY {n} {'DESC' if desc else 'ASC'} LIMIT 1"
+        wrong = [f"SELECT {b} FROM {T} ORDER BY {n} {'ASC' if desc else 'DESC'} LIMIT 1",
+                 f"SELECT {b} FROM {T} ORDER BY {m} {'DESC' if desc else 'ASC'} LIMIT 1",
+                 f"SELECT {c} FROM {T} ORDER BY {n} {'DESC' if desc else 'ASC'} LIMIT 1",
+                 f"SELECT {b} FROM {T} ORDER {n} {'DESC' if desc else 'ASC'} LIMIT 1"]
+    elif family == "distinct":
+        q = rng.choice([f"How many different {b} values do the {Ts} have?", f"Count the distinct {b} of all {Ts}."])
+        gold = f"SELECT COUNT(DISTINCT {b}) FROM {T}"
+        habit = f"SELECT COUNT({b}) FROM {T}"
+        wrong = [habit, f"SELECT COUNT(DISTINCT {c}) FROM {T}", f"SELECT DISTINCT {b} FROM {T}", f"SELECT COUNT(DISTINCT {b} FROM {T}"]
+    elif family == "agg_where":
+        agg = rng.choice(sorted(AGGREGATES))
+        q = rng.choice([f"What is the {AGGREGATES[agg]} {n} of {Ts} whose {b} is {v}?",
+                        f"Find the {AGGREGATES[agg]} {n} for {Ts} with {b} {v}."])
+        gold = f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{v}'"
+        wrong = [f"SELECT {agg}({n}) FROM {T}", f"SELECT {agg}({m}) FROM {T} WHERE {b} = '{v}'",
+                 f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{other_v}'"] + \
+                [f"SELECT {a2}({n}) FROM {T} WHERE {b} = '{v}'" for a2 in sorted(AGGREGATES) if a2 != agg]
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    return q, gold, habit, wrong
+
+
+def format_prompt(create_sql: str, question: str) -> str:
+    """The prompt format of Simple_RLHF's sql-create-context data."""
+    return f"Human: context= {create_sql} question= {question} Assistant:"
+
+
+def make_row(rng: random.Random, family: str) -> dict | None:
+    """One preference row of a family, or None when this random table cannot make every wrong SQL differ."""
+    t = _make_table(rng)
+    setup = _setup_sql(t)
+    q, gold, habit, wrong = _question(rng, t, family)
+    gold_result = execute_sql(setup, gold)
+    if gold_result is None or gold_result in ([], [(None,)]):
+        return None                                   # empty answers make wrong queries look right
+    wrong = [s for s in wrong if execute_sql(setup, s) != gold_result]
+    if habit and habit not in wrong:
+        return None                                   # the habit must really change the result
+    if not wrong:
+        return None
+    # rejected: the family's habit half the time (that is the signal that fixes the demos), else any mistake
+    rejected = habit if habit and rng.random() < 0.5 else rng.choice(wrong)
+    response = habit if habit and rng.random() < HABIT_RATE else gold
+    return {"prompt": format_prompt(_create_sql(t), q), "chosen": " " + gold, "rejected": " " + rejected,
+            "response": " " + response, "family": family, "setup_sql": setup}
+
+
+def make_dataset(n_train: int = 6000, n_eval: int = 800, seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """Deterministic train and eval rows, families in equal shares; no eval prompt appears in train."""
+    rng = random.Random(seed)
+    train, eval_, seen = [], [], set()
+    for rows, n in ((train, n_train), (eval_, n_eval)):
+        i = 0
+        while len(rows) < n:
+            row = make_row(rng, FAMILIES[i % len(FAMILIES)])
+            if row is None or row["prompt"] in seen:
+                continue
+            seen.add(row["prompt"])
+            rows.append(row)
+            i += 1
+    return train, eval_
+
+
+def write_jsonl(rows: list[dict], path) -> None:
+    """Write JSON lines atomically (tmp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_dataset(data_dir=ROOT / "dataset") -> dict:
+    """Regenerate dataset/train.json and dataset/eval.json (byte for byte the committed files)."""
+    train, eval_ = make_dataset()
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    write_jsonl(train, Path(data_dir, "train.json"))
+    write_jsonl(eval_, Path(data_dir, "eval.json"))
+    return {"train": len(train), "eval": len(eval_)}
+
+
+# ---------------------------------------------------------------------------- loading any preference file
+
+FIELD_ALIASES = {"prompt": ["prompt", "question", "query"], "chosen": ["chosen", "response_chosen", "answer"],
+                 "rejected": ["rejected", "response_rejected", "negative"], "response": ["response"]}
+
+
+class DataError(ValueError):
+    """A bad row in a data file; the message names file, line and field."""
+
+
+def _read_records(path: Path) -> list[tuple[int, object]]:
+    """(line number, record) from JSON lines, a JSON array, or Parquet; invalid JSON raises DataError."""
+    if path.suffix == ".parquet":
+        import pandas as pd
+        return [(i + 1, r) for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            return [(i + 1, r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((i, DataError(f"{path}:{i}: invalid JSON ({e.msg})")))
+    return out
+
+
+def load_rows(path, required=("prompt", "chosen", "rejected"), skip_bad: bool = False, limit: int = 0) -> list[dict]:
+    """Preference rows from JSON/JSONL/Parquet with field aliases; a bad row raises DataError, or is skipped
+    and counted (printed) when skip_bad=True."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run 0_download.ipynb first (or `python util.py make-dataset`)")
+    rows, bad = [], []
+    for line, rec in _read_records(path):
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{line}: expected a JSON object, got {type(rec).__name__}")
+            row = {k: v for k, v in rec.items() if k not in sum(FIELD_ALIASES.values(), [])}
+            for field, aliases in FIELD_ALIASES.items():
+                name = next((a for a in aliases if a in rec), None)
+                if name is None:
+                    if field in required:
+                        raise DataError(f"{path}:{line}: field '{field}' is missing (accepted names: {aliases})")
+                    continue
+                value = rec[name]
+                if not isinstance(value, str):
+                    raise DataError(f"{path}:{line}: field '{name}' must be a string, got {type(value).__name__}")
+                if field in required and not value.strip():
+                    raise DataError(f"{path}:{line}: field '{name}' is empty")
+                row[field] = value
+            rows.append(row)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            bad.append(str(e))
+        if limit and len(rows) >= limit:
+            break
+    if bad:
+        print(f"skipped {len(bad)} bad row(s) of {path.name}; first: {bad[0]}")
+    if not rows:
+        raise DataError(f"{path}: no usable rows")
+    return rows
+
+
+# ---------------------------------------------------------------------------- execution accuracy (the gold metric)
+
+
+def execute_sql(setup_sql: str, query: str, max_steps: int = 200_000):
+    """Rows of `query` on a fresh in-memory database built by `setup_sql`, sorted; None if the SQL fails."""
+    con = sqlite3.connect(":memory:")
+    try:
+        con.executescript(setup_sql)
+        steps = [0]
+
+        def guard():                         # a runaway query (e.g. a cross join) is stopped, not waited for
+            steps[0] += 1
+            return steps[0] > max_steps // 1000
+        con.set_progress_handler(guard, 1000)
+        result = con.execute(query).fetchall()
+        return sorted(tuple(round(x, 6) if isinstance(x, float) else x for x in r) for r in result)
+    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError):
+        return None
+    finally:
+        con.close()
+
+
+def execution_match(setup_sql: str, gold: str, predicted: str) -> bool:
+    """True when the predicted SQL runs and returns the same rows as the gold SQL."""
+    gold_rows = execute_sql(setup_sql, gold)
+    return gold_rows is not None and execute_sql(setup_sql, predicted) == gold_rows
+
+
+def execution_accuracy(rows: list[dict], predictions: list[str]) -> float:
+    """Share of predictions whose result equals the gold (`chosen`) result on the row's tables."""
+    hits = [execution_match(r["setup_sql"], r["chosen"], p) for r, p in zip(rows, predictions)]
+    return sum(hits) / max(len(hits), 1)
+
+
+def dataset_stats(rows: list[dict]) -> dict:
+    """Rows per family, demo correctness and the share of rejected answers whose result differs."""
+    import collections
+    fam = collections.Counter(r.get("family", "?") for r in rows)
+    demo_ok = [execution_match(r["setup_sql"], r["chosen"], r["response"]) for r in rows]
+    rej_diff = [not execution_match(r["setup_sql"], r["chosen"], r["rejected"]) for r in rows]
+    return {"rows": len(rows), "per_family": dict(sorted(fam.items())),
+            "demo_correct": sum(demo_ok) / len(rows), "rejected_differs": sum(rej_diff) / len(rows)}
+
+
+# ============================================================================ tokenizer
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def train_tokenizer(rows: list[dict], out_dir=ROOT / "tokenizer", vocab_size: int = 2048):
+    """A byte-level BPE tokenizer trained on the dataset's text; pad is its own token, distinct from EOS."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected", "response")]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                            special_tokens=list(SPECIAL_TOKENS.values()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **SPECIAL_TOKENS)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def load_tokenizer(path):
+    """AutoTokenizer from a directory (ours, or a hub model's saved copy)."""
+    from transformers import AutoTokenizer
+    if not Path(path, "tokenizer_config.json").exists() and not str(path).count("/") == 1:
+        raise FileNotFoundError(f"no tokenizer in {path}: run 0_download.ipynb first")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        raise ValueError(f"tokenizer in {path} needs a pad token distinct from EOS (pad={tok.pad_token!r})")
+    return tok
+
+
+def encode_prompt(tok, prompt: str) -> list[int]:
+    """Prompt token ids, with BOS in front when the tokenizer has one."""
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+
+
+def encode_response(tok, response: str) -> list[int]:
+    """Response token ids with EOS appended: the model must learn to stop."""
+    return tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def check_tokenizer_matches(tok, model) -> None:
+    """Raise a clear error when a tokenizer and a model do not belong together."""
+    emb = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > emb:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's embedding has {emb}: "
+                         "they come from different runs; re-run 0_download.ipynb")
+    for name in ("pad_token_id", "eos_token_id"):
+        m, t = getattr(model.config, name, None), getattr(tok, name)
+        if m is not None and m != t:
+            raise ValueError(f"{name}: tokenizer says {t}, model config says {m}; re-run 0_download.ipynb")
+
+
+# ============================================================================ models
+
+
+def tiny_opt_config(cfg: Config, tok):
+    """An OPTConfig sized by the preset; dropout off (RL needs identical forward passes)."""
+    from transformers import OPTConfig
+    return OPTConfig(vocab_size=len(tok), hidden_size=cfg.d_model, word_embed_proj_dim=cfg.d_model,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, ffn_dim=4 * cfg.d_model,
+                     max_position_embeddings=cfg.max_positions, dropout=0.0, attention_dropout=0.0,
+                     activation_dropout=0.0, layerdrop=0.0, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+
+
+def disable_dropout(model):
+    """Set every dropout probability to 0 (PPO's ratio must be exactly 1 before the first update)."""
+    import torch
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _require(path, stage: str) -> Path:
+    """The path, or a clear error saying which notebook makes it."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no model: run {stage} first")
+    return path
+
+
+def load_causal_lm(path, stage: str = "1_actor.ipynb", device=None):
+    """A causal LM from a save_pretrained directory (safetensors), dropout off."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(_require(path, stage))
+    return disable_dropout(model).to(device or "cpu")
+
+
+def load_score_model(path, stage: str = "2_critic.ipynb", device=None):
+    """A backbone + scalar head (AutoModelForSequenceClassification, num_labels=1), dropout off."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()          # a fresh head on a causal-LM checkpoint is expected, not a warning
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(_require(path, stage), num_labels=1)
+    finally:
+        hf_logging.set_verbosity(level)
+    model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 1
+    return disable_dropout(model).to(device or "cpu")
+
+
+def save_model(model, tok, path, metrics: dict | None = None) -> Path:
+    """save_pretrained (safetensors) + tokenizer + metrics.json into a temp dir, then swap it in atomically."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(tmp)
+    if metrics is not None:
+        Path(tmp, "metrics.json").write_text(json.dumps(metrics, indent=1))
+    _swap_dir(tmp, path)
+    return path
+
+
+def _swap_dir(tmp: Path, path: Path) -> None:
+    """Replace directory `path` by `tmp`; at every instant either the old or the new one is complete."""
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path) -> None:
+    """If a swap was interrupted between its two renames, put the old complete directory back."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+
+
+# ============================================================================ generation
+
+
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) with left padding, as generation wants."""
+    import torch
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):] = torch.tensor(s)
+        mask[i, n - len(s):] = 1
+    return ids, mask
+
+
+def encode_prompts(tok, prompts: list[str], max_tokens: int):
+    """Left-padded prompt batch; over-long prompts keep their last max_tokens tokens."""
+    seqs = [encode_prompt(tok, p)[-max_tokens:] for p in prompts]
+    return left_pad(seqs, tok.pad_token_id)
+
+
+def generate(model, tok, prompts: list[str], cfg: Config, greedy: bool = False, temperature: float | None = None):
+    """Batched KV-cached generation: returns (query+response ids [B, Lq+Lr], prompt mask, prompt length)."""
+    import torch
+    ids, mask = encode_prompts(tok, prompts, cfg.max_prompt_tokens)
+    device = next(model.parameters()).device
+    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature or cfg.temperature,
+                                                       top_k=0, top_p=1.0)   # pure temperature sampling
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_response_tokens,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True, **kwargs)
+    if out.shape[1] == ids.shape[1]:                          # nothing generated at all: keep one pad column
+        out = torch.cat([out, torch.full_like(out[:, :1], tok.pad_token_id)], 1)
+    return out, mask.to(device), ids.shape[1]
+
+
+def first_eos_index(responses, eos_id: int):
+    """Index of the first EOS in each response; the last index when there is none."""
+    import torch
+    is_eos = responses == eos_id
+    idx = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], responses.shape[1] - 1, dtype=torch.long))
+    return idx.long(), is_eos.any(1)
+
+
+def response_mask(responses, eos_id: int):
+    """1 up to and including the first EOS, 0 after it (those tokens are not part of the answer)."""
+    import torch
+    end, _ = first_eos_index(responses, eos_id)
+    return (torch.arange(responses.shape[1], device=responses.device)[None] <= end[:, None]).long()
+
+
+def decode_responses(tok, responses) -> list[str]:
+    """Text of each response, cut at its first EOS."""
+    mask = response_mask(responses, tok.eos_token_id)
+    return [tok.decode([t for t, m in zip(r.tolist(), mk.tolist()) if m and t != tok.eos_token_id],
+                       skip_special_tokens=True) for r, mk in zip(responses, mask)]
+
+
+def sample_answers(model, tok, prompts: list[str], cfg: Config, greedy: bool = False, batch_size: int = 0,
+                   desc: str = "generating"):
+    """Answers as text for many prompts, in batches, with a progress bar."""
+    from tqdm.auto import tqdm
+    out = []
+    bs = batch_size or cfg.eval_batch_size
+    for i in tqdm(range(0, len(prompts), bs), desc=desc, leave=False):
+        qr, _, lq = generate(model, tok, prompts[i:i + bs], cfg, greedy=greedy)
+        out += decode_responses(tok, qr[:, lq:])
+    return out
+
+
+def logprobs_from_logits(logits, tokens, temperature: float = 1.0):
+    """log p(token) under softmax(logits / temperature): the same temperature the tokens were sampled with."""
+    import torch
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length: int, temperature: float = 1.0):
+    """Per-token log-probs of the response part; logits at position t predict token t+1."""
+    logits = model(input_ids=query_responses, attention_mask=attention_mask).logits
+    logits = logits[:, context_length - 1:-1]
+    return logprobs_from_logits(logits, query_responses[:, context_length:], temperature), logits
+
+
+# ============================================================================ SFT
+
+
+def sft_example(tok, prompt: str, response: str, max_prompt: int, max_response: int):
+    """(input_ids, labels): labels copy the response tokens and are -100 on the prompt (no loss there)."""
+    p = encode_prompt(tok, prompt)[-max_prompt:]
+    r = encode_response(tok, response)[:max_response]
+    return p + r, [-100] * len(p) + r
+
+
+def right_pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """(input_ids, attention_mask, labels) right-padded; pads get label -100."""
+    import torch
+    n = max(len(x) for x, _ in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, mask, labels
+
+
+def batches(n: int, batch_size: int, epochs: float, seed: int):
+    """Shuffled index batches covering `epochs` passes over n items (a fraction means a partial last pass)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    total = int(math.ceil(n * epochs / batch_size))
+    out = []
+    while len(out) < total:
+        perm = torch.randperm(n, generator=g).tolist()
+        out += [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [perm]
+    return out[:total]
+
+
+def make_optimizer(model, lr: float, steps: int, warmup: float = 0.05, weight_decay: float = 0.0):
+    """AdamW with a linear warm-up then cosine decay (transformers' scheduler)."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    return opt, get_cosine_schedule_with_warmup(opt, int(warmup * steps), steps)
+
+
+def sft_loss(model, batch, device):
+    """Mean cross-entropy over response tokens (transformers shifts the labels by one)."""
+    ids, mask, labels = (t.to(device) for t in batch)
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) -> float:
+    """Held-out SFT loss, token-weighted."""
+    import torch
+    model.eval()
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            b = right_pad_batch(examples[i:i + batch_size], pad_id)
+            k = int((b[2][:, 1:] != -100).sum())
+            tot, n = tot + float(sft_loss(model, b, device)) * k, n + k
+    return tot / max(n, 1)
+
+
+def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, log_every: int = 20) -> list[dict]:
+    """Supervised fine-tuning on prompt -> response demos; returns the loss history."""
+    import torch
+    from tqdm.auto import tqdm
+    ex = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in train_rows]
+    ev = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in eval_rows]
+    plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
+    opt, sched = make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
+    history, run = [], []
+    bar = tqdm(plan, desc="SFT")
+    for step, idx in enumerate(bar, 1):
+        model.train()
+        loss = sft_loss(model, right_pad_batch([ex[i] for i in idx], tok.pad_token_id), device)
+        check_finite(loss, "SFT loss", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        run.append(float(loss))
+        if step % log_every == 0 or step == len(plan):
+            rec = {"step": step, "epoch": step * cfg.sft_batch_size / len(ex), "train_loss": sum(run) / len(run),
+                   "eval_loss": eval_sft_loss(model, ev, tok.pad_token_id, device)}
+            history.append(rec)
+            run = []
+            bar.set_postfix(train=f"{rec['train_loss']:.3f}", eval=f"{rec['eval_loss']:.3f}")
+    model.eval()
+    return history
+
+
+def check_finite(loss, what: str, step: int) -> None:
+    """Stop with a clear message on a NaN/inf loss instead of training on garbage."""
+    if not math.isfinite(float(loss.detach() if hasattr(loss, "detach") else loss)):
+        raise FloatingPointError(f"{what} became {float(loss)} at step {step}: lower the learning rate; "
+                                 "the last saved checkpoint is untouched")
+
+
+# ============================================================================ reward model
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token of each row, for left or right padding (the EOS of the answer)."""
+    import torch
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (pos[None] * attention_mask).argmax(1)
+
+
+def token_scores(model, input_ids, attention_mask):
+    """The scalar head applied at every position: per-token values for the PPO critic."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.score(hidden).squeeze(-1)
+
+
+def reward_scores(model, input_ids, attention_mask, normalized: bool = True):
+    """The reward: the head's output read at the last real token (the EOS, not a pad after it), minus the
+    stored offset that makes the SFT policy's mean score 0."""
+    import torch
+    s = token_scores(model, input_ids, attention_mask)
+    s = s[torch.arange(len(s), device=s.device), last_token_index(attention_mask)]
+    return s - getattr(model.config, "reward_offset", 0.0) if normalized else s
+
+
+def pairwise_loss(r_chosen, r_rejected):
+    """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), averaged."""
+    import torch.nn.functional as F
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def rm_batch(tok, rows, cfg: Config, key: str):
+    """Right-padded (ids, mask) of prompt + rows[key] + EOS."""
+    ex = [sft_example(tok, r["prompt"], r[key], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in rows]
+    ids, mask, _ = right_pad_batch(ex, tok.pad_token_id)
+    return ids, mask
+
+
+def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
+    """(chosen scores, rejected scores) for many rows, no gradient."""
+    import torch
+    model.eval()
+    c, r = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            part = rows[i:i + batch_size]
+            c += reward_scores(model, *(t.to(device) for t in rm_batch(tok, part, cfg, "chosen")), normalized=False).tolist()
+            r += reward_scores(model, *(t.to(device) for t in rm_batch(tok, part, cfg, "rejected")), normalized=False).tolist()
+    return c, r
+
+
+def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, log_every: int = 20) -> list[dict]:
+    """Pairwise reward-model training; returns loss/accuracy history (train running, eval held-out)."""
+    import torch
+    from tqdm.auto import tqdm
+    if cfg.rm_freeze_backbone:                  # train the head only (cheap, less overfitting, weaker)
+        for p in getattr(model, model.base_model_prefix).parameters():
+            p.requires_grad_(False)
+    plan = batches(len(train_rows), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
+    opt, sched = make_optimizer(model, cfg.rm_lr, len(plan))
+    history, run = [], []
+    bar = tqdm(plan, desc="reward model")
+    for step, idx in enumerate(bar, 1):
+        model.train()
+        part = [train_rows[i] for i in idx]
+        # chosen and rejected in one forward pass: same padding, same batch statistics
+        ids_c, m_c = rm_batch(tok, part, cfg, "chosen")
+        ids_r, m_r = rm_batch(tok, part, cfg, "rejected")
+        n = max(ids_c.shape[1], ids_r.shape[1])
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)
+        ids = torch.cat([pad(ids_c, tok.pad_token_id), pad(ids_r, tok.pad_token_id)]).to(device)
+        mask = torch.cat([pad(m_c, 0), pad(m_r, 0)]).to(device)
+        s = reward_scores(model, ids, mask, normalized=False)
+        rc, rr = s[:len(part)], s[len(part):]
+        loss = pairwise_loss(rc, rr)
+        check_finite(loss, "reward loss", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        run.append((float(loss), float((rc > rr).float().mean())))
+        if step % log_every == 0 or step == len(plan):
+            c, r = score_pairs(model, tok, eval_rows, cfg, device)
+            rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),
+                   "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c)}
+            history.append(rec)
+            run = []
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}")
+    model.eval()
+    return history
+
+
+def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config, device, normalized=True, batch_size=128):
+    """Reward of each (prompt, answer) pair."""
+    import torch
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            rows = [{"prompt": p, "x": a} for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
+            ids, mask = rm_batch(tok, rows, cfg, "x")
+            out += reward_scores(model, ids.to(device), mask.to(device), normalized).tolist()
+    return out
+
+
+def set_reward_offset(model, tok, prompts, policy_answers, cfg: Config, device) -> float:
+    """Normalise: store in the config the mean raw score of the SFT policy's answers, so that mean becomes 0."""
+    raw = score_texts(model, tok, prompts, policy_answers, cfg, device, normalized=False)
+    model.config.reward_offset = float(sum(raw) / len(raw))
+    return model.config.reward_offset
+
+
+# ============================================================================ PPO
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the positions where mask is 1."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean: bool = True):
+    """(x - mean) / std over the masked positions: advantages on a common scale batch to batch."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) / (var + 1e-8).sqrt()
+    return (out if shift_mean else out + mean) * mask
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator: str = "k1"):
+    """Per-token KL estimate from samples of the policy: k1 = log(p/q) (unbiased, can be < 0),
+    k3 = q/p - 1 - log(q/p) (unbiased and always >= 0, lower variance)."""
+    import torch
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1' or 'k3'")
+
+
+def place_rewards(scores, kl, mask, end_index, kl_coef: float):
+    """Per-token rewards: -kl_coef * KL on every answer token, plus the RM score on the EOS token only
+    (not on a pad after it, and not spread over the answer)."""
+    import torch
+    rewards = -kl_coef * kl * mask
+    rewards[torch.arange(len(scores), device=scores.device), end_index] += scores
+    return rewards
+
+
+def gae_advantages(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation, backwards over the answer; nothing flows in from after EOS."""
+    import torch
+    rewards, values = rewards * mask, values * mask
+    last, adv = 0.0, []
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        adv.append(last)
+    adv = torch.stack(adv[::-1], 1) * mask
+    return adv, (adv + values) * mask
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One batch of sampled answers with everything PPO needs, computed once before the updates."""
+    query_responses: object      # [B, Lq+Lr] prompt (left-padded) + answer (pads after EOS)
+    attention_mask: object       # 1 on prompt tokens and answer tokens up to EOS
+    context_length: int
+    mask: object                 # [B, Lr] answer tokens up to and including EOS
+    end_index: object            # [B] index of the EOS (or last token) in the answer
+    logprobs: object             # [B, Lr] policy log-probs at the sampling temperature
+    ref_logprobs: object         # [B, Lr] frozen SFT log-probs, same temperature
+    values: object               # [B, Lr] critic's value of the state before each answer token
+    scores: object               # [B] RM score, minus the penalty when there is no EOS
+    has_eos: object
+    texts: list
+    gold: list                   # execution match of each answer (never used for training: it is the gold metric)
+
+
+def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None = None) -> Rollout:
+    """Sample answers with the policy, then score them with the reference, critic and reward model."""
+    import torch
+    t0 = time.time()
+    qr, prompt_mask, lq = generate(actor, tok, [r["prompt"] for r in rows], cfg)
+    t1 = time.time()
+    responses = qr[:, lq:]
+    mask = response_mask(responses, tok.eos_token_id)
+    end, has_eos = first_eos_index(responses, tok.eos_token_id)
+    attn = torch.cat([prompt_mask, mask], 1)
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(actor, qr, attn, lq, cfg.temperature)
+        ref_logprobs, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
+        values = token_scores(critic, qr, attn)[:, lq - 1:-1]      # value before token t sits at position t-1
+        scores = reward_scores(rm, qr, attn)                       # read at the EOS token (attention mask ends there)
+    scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)  # an answer that never stops is penalised
+    texts = decode_responses(tok, responses)
+    gold = [execution_match(r["setup_sql"], r["chosen"], a) if "setup_sql" in r else None for r, a in zip(rows, texts)]
+    if timings is not None:
+        timings["generate"] = timings.get("generate", 0) + t1 - t0
+        timings["score"] = timings.get("score", 0) + time.time() - t1
+    return Rollout(qr, attn, lq, mask.float(), end, logprobs * mask, ref_logprobs * mask, values * mask,
+                   scores, has_eos, texts, gold)
+
+
+def ppo_update(actor, critic, opt_actor, opt_critic, ro: Rollout, advantages, returns, cfg: Config) -> dict:
+    """Several epochs of clipped PPO over minibatches of one rollout; returns averaged statistics."""
+    import torch
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
+    first_ratio = None
+    B = len(ro.scores)
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(B)
+        for start in range(0, B, cfg.ppo_minibatch_size):
+            mb = perm[start:start + cfg.ppo_minibatch_size]
+            m = ro.mask[mb]
+            qr, attn = ro.query_responses[mb], ro.attention_mask[mb]
+            new_logprobs, logits = response_logprobs(actor, qr, attn, ro.context_length, cfg.temperature)
+            vpred = token_scores(critic, qr, attn)[:, ro.context_length - 1:-1]
+            # value clip: the new value may move at most cliprange_value away from the rollout's value
+            old_v = ro.values[mb]
+            vclipped = old_v + (vpred - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+            vf_losses = torch.max((vpred - returns[mb]) ** 2, (vclipped - returns[mb]) ** 2)
+            vf_loss = 0.5 * masked_mean(vf_losses, m)
+            # ratio clip: no incentive to move the probability of a token beyond 1 +- cliprange
+            log_ratio = (new_logprobs - ro.logprobs[mb]) * m
+            ratio = torch.exp(log_ratio)
+            adv = advantages[mb]
+            pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+            pg_loss = masked_mean(pg_losses, m)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            check_finite(loss, "PPO loss", epoch)
+            opt_actor.zero_grad(set_to_none=True)
+            opt_critic.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+            opt_actor.step()
+            opt_critic.step()
+            with torch.no_grad():
+                if first_ratio is None:          # before any update the ratio must be exactly 1
+                    first_ratio = float(masked_mean(ratio, m))
+                p = torch.softmax(logits.float() / cfg.temperature, -1)
+                entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+                stats["pg_loss"].append(float(pg_loss))
+                stats["vf_loss"].append(float(vf_loss))
+                stats["clipfrac"].append(float(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), m)))
+                stats["vf_clipfrac"].append(float(masked_mean(((vpred - old_v).abs() > cfg.cliprange_value).float(), m)))
+                stats["approx_kl"].append(float(0.5 * masked_mean(log_ratio ** 2, m)))
+                stats["entropy"].append(float(masked_mean(entropy, m)))
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out["ratio_first_minibatch"] = first_ratio
+    return out
+
+
+def adaptive_kl(kl_coef: float, kl: float, target: float, batch: int, horizon: int = 10000) -> float:
+    """Ziegler et al.'s controller: nudge the coefficient so the measured KL approaches the target."""
+    err = min(max(kl / target - 1, -0.2), 0.2)
+    return kl_coef * (1 + err * batch / horizon)
+
+
+def ppo_iteration(models: dict, opts: dict, tok, rows, cfg: Config, kl_coef: float) -> dict:
+    """One PPO iteration: rollout, rewards, GAE, whitening, clipped updates; returns its log record."""
+    import torch
+    timings = {}
+    ro = rollout(models["actor"], models["ref"], models["critic"], models["rm"], tok, rows, cfg, timings)
+    t0 = time.time()
+    kl = kl_per_token(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * ro.mask
+    scores = masked_whiten(ro.scores, torch.ones_like(ro.scores), shift_mean=False) if cfg.whiten_rewards else ro.scores
+    rewards = place_rewards(scores, kl, ro.mask, ro.end_index, kl_coef)
+    advantages, returns = gae_advantages(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, ro.mask)          # whitened over real answer tokens only
+    models["actor"].train(), models["critic"].train()         # dropout is 0: train() changes nothing numerically
+    stats = ppo_update(models["actor"], models["critic"], opts["actor"], opts["critic"], ro, advantages, returns, cfg)
+    models["actor"].eval(), models["critic"].eval()
+    timings["train"] = time.time() - t0
+    gold = [g for g in ro.gold if g is not None]
+    return {"rm_score": float(ro.scores.mean()), "gold_acc": sum(gold) / max(len(gold), 1),
+            "kl": float(kl.sum(1).mean()), "kl_coef": kl_coef,
+            "non_score_reward": float((-kl_coef * kl).sum(1).mean()),
+            "length": float(ro.mask.sum(1).mean()), "eos_rate": float(ro.has_eos.float().mean()),
+            **stats, **{f"time_{k}": v for k, v in timings.items()}, "sample": ro.texts[0]}
+
+
+def optimizer_to_tensors(opt, prefix: str) -> tuple[dict, dict]:
+    """(tensors, json-able meta) of an optimizer's state, so it can go into safetensors instead of a pickle."""
+    sd = opt.state_dict()
+    tensors = {f"{prefix}.{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, {"param_groups": sd["param_groups"], "keys": sorted(tensors)}
+
+
+def optimizer_from_tensors(opt, tensors: dict, meta: dict, prefix: str) -> None:
+    """Inverse of optimizer_to_tensors."""
+    state = {}
+    for key in meta["keys"]:
+        _, i, k = key.rsplit(".", 2)
+        state.setdefault(int(i), {})[k] = tensors[key]
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_ppo_checkpoint(path, models, opts, tok, state: dict) -> None:
+    """Actor (top level), critic/, optimizer states (safetensors) and state.json, swapped in atomically."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    models["actor"].save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    models["critic"].save_pretrained(tmp / "critic", safe_serialization=True)
+    ta, ma = optimizer_to_tensors(opts["actor"], "actor")
+    tc, mc = optimizer_to_tensors(opts["critic"], "critic")
+    save_file({**ta, **tc}, str(tmp / "optimizer.safetensors"))
+    Path(tmp, "state.json").write_text(json.dumps({**state, "optimizer": {"actor": ma, "critic": mc}}, indent=1))
+    Path(tmp, "metrics.json").write_text(json.dumps(state.get("history", []), indent=1))
+    _swap_dir(tmp, path)
+
+
+def load_ppo_state(path, cfg: Config) -> dict | None:
+    """The state.json of a PPO checkpoint made with the same preset, else None."""
+    recover_dir(path)
+    f = Path(path, "state.json")
+    if not f.exists():
+        return None
+    state = json.loads(f.read_text())
+    return state if state.get("preset") == cfg.preset else None
+
+
+def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> list[dict]:
+    """The PPO loop with periodic atomic checkpoints; re-running resumes from the last one."""
+    import torch
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+    out = cfg.path("rlhf")
+    tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
+    _require(cfg.path("critic"), "2_critic.ipynb")
+    rows = rows if rows is not None else load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
+    state = load_ppo_state(out, cfg)
+    src = out if state else cfg.path("actor")
+    models = {"actor": load_causal_lm(src, device=device),
+              "ref": load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False),
+              "critic": load_score_model(out / "critic" if state else cfg.path("critic"), device=device),
+              "rm": load_score_model(cfg.path("critic"), device=device).requires_grad_(False)}
+    check_tokenizer_matches(tok, models["actor"])
+    opts = {"actor": make_optimizer(models["actor"], cfg.ppo_lr, 1, warmup=0)[0],
+            "critic": make_optimizer(models["critic"], cfg.ppo_vf_lr, 1, warmup=0)[0]}
+    history, kl_coef, start = [], cfg.kl_coef, 0
+    if state:
+        tensors = load_file(str(out / "optimizer.safetensors"))
+        for k in ("actor", "critic"):
+            optimizer_from_tensors(opts[k], tensors, state["optimizer"][k], k)
+        history, kl_coef, start = state["history"], state["kl_coef"], state["iteration"]
+        print(f"resuming PPO from iteration {start} (checkpoint in {out})")
+    end = cfg.ppo_iterations if stop_after is None else min(cfg.ppo_iterations, start + stop_after)
+    bar = tqdm(range(start, end), desc="PPO", initial=start, total=cfg.ppo_iterations)
+    for it in bar:
+        set_seed(cfg.seed * 100_003 + it)                  # each iteration is reproducible, resumed or not
+        batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.rollout_batch_size].tolist()]
+        rec = {"iteration": it + 1, **ppo_iteration(models, opts, tok, batch, cfg, kl_coef)}
+        history.append(rec)
+        if cfg.kl_target > 0:
+            kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size)
+        bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.2f}")
+        if (it + 1) % cfg.save_every == 0 or it + 1 == end:
+            save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "iteration": it + 1,
+                                                         "kl_coef": kl_coef, "history": history})
+    return history
+
+
+# ============================================================================ evaluation
+
+
+def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str = "eval") -> tuple[dict, list[dict]]:
+    """Execution accuracy greedy and sampled, RM score, KL to the reference, length and EOS rate on `rows`."""
+    import torch
+    from tqdm.auto import tqdm
+    prompts = [r["prompt"] for r in rows]
+    greedy = sample_answers(model, tok, prompts, cfg, greedy=True, desc=f"{desc} greedy")
+    per_row = []
+    bs = cfg.eval_batch_size
+    for i in tqdm(range(0, len(rows), bs), desc=f"{desc} sampled", leave=False):
+        part = rows[i:i + bs]
+        qr, pmask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
+        resp = qr[:, lq:]
+        mask = response_mask(resp, tok.eos_token_id)
+        _, has_eos = first_eos_index(resp, tok.eos_token_id)
+        attn = torch.cat([pmask, mask], 1)
+        with torch.no_grad():
+            kl = torch.zeros(len(part))
+            if ref is not None:            # KL(policy || ref) estimated on the policy's own samples (k1, summed)
+                lp, _ = response_logprobs(model, qr, attn, lq, cfg.temperature)
+                rlp, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
+                kl = ((lp - rlp) * mask).sum(1).cpu()
+            score = reward_scores(rm, qr, attn).cpu() if rm is not None else torch.full((len(part),), float("nan"))
+        for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
+            per_row.append({"prompt": r["prompt"], "family": r.get("family", "?"), "gold": r["chosen"].strip(),
+                            "greedy": greedy[i + j].strip(), "sampled": text.strip(),
+                            "greedy_ok": execution_match(r["setup_sql"], r["chosen"], greedy[i + j]),
+                            "sampled_ok": execution_match(r["setup_sql"], r["chosen"], text),
+                            "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
+                            "eos": bool(has_eos[j])})
+    n = len(per_row)
+    summary = {"exec_acc_greedy": sum(r["greedy_ok"] for r in per_row) / n,
+               "exec_acc_sampled": sum(r["sampled_ok"] for r in per_row) / n,
+               "rm_score": sum(r["rm_score"] for r in per_row) / n, "kl_to_sft": sum(r["kl"] for r in per_row) / n,
+               "length": sum(r["length"] for r in per_row) / n, "eos_rate": sum(r["eos"] for r in per_row) / n,
+               "n_prompts": n, "temperature": cfg.temperature}
+    return summary, per_row
+
+
+def per_family_accuracy(per_row: list[dict]) -> dict:
+    """Sampled and greedy execution accuracy per question family."""
+    import pandas as pd
+    return pd.DataFrame(per_row).groupby("family")[["greedy_ok", "sampled_ok"]].mean().round(3).to_dict("index")
+
+
+def win_rate(scores_a: list[float], scores_b: list[float]) -> float:
+    """Share of prompts where a's answer scores higher than b's by the RM (ties count half)."""
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)]
+    return sum(wins) / max(len(wins), 1)
+
+
+def write_json(obj, path) -> None:
+    """Write JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ============================================================================ plotting
+
+
+def plot_history(history: list[dict], x: str, panels: list[list[str]], title: str = "", path=None):
+    """One small plot per panel (several series per panel) of a training history."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, keys in zip(axes[0], panels):
+        for k in keys:
+            pts = [(h[x], h[k]) for h in history if h.get(k) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=k)
+        ax.set_xlabel(x)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+# ============================================================================ CLI
+
+
+def main(argv=None) -> int:
+    """`python util.py make-dataset | make-tokenizer | stats`."""
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("command", choices=["make-dataset", "make-tokenizer", "stats"])
+    args = ap.parse_args(argv)
+    if args.command == "make-dataset":
+        print(write_dataset())
+    elif args.command == "make-tokenizer":
+        tok = train_tokenizer(load_rows(ROOT / "dataset" / "train.json"))
+        print(f"tokenizer with {len(tok)} tokens written to {ROOT / 'tokenizer'}")
+    else:
+        for split in ("train", "eval"):
+            print(split, json.dumps(dataset_stats(load_rows(ROOT / "dataset" / f"{split}.json"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
