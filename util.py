@@ -32,7 +32,7 @@ class Config:
     # models: tiny = a small OPT trained from scratch; opt = hub checkpoints (or local dirs laid out like them)
     actor_hub: str = ""
     critic_hub: str = ""
-    d_model: int = 192
+    d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     max_positions: int = 192
@@ -40,9 +40,9 @@ class Config:
     n_train: int = 0
     n_eval: int = 600
     max_prompt_tokens: int = 112
-    max_response_tokens: int = 40
+    max_response_tokens: int = 24
     # SFT
-    sft_epochs: float = 6.0
+    sft_epochs: float = 4.0
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     # reward model
@@ -110,6 +110,8 @@ def get_config(preset: str | None = None, **overrides) -> Config:
     fields = {**PRESETS[preset], **overrides}
     if os.environ.get("RLHF_OUT"):
         fields.setdefault("out_dir", os.environ["RLHF_OUT"])
+    if preset == "opt":                         # the hub tokenizer is saved here, beside the shipped one
+        fields.setdefault("tokenizer_dir", str(ROOT / "tokenizer" / "opt"))
     return Config(preset=preset, **fields)
 
 
@@ -198,7 +200,7 @@ FAMILIES = ["lookup", "count", "aggregate", "compare", "and", "order", "distinct
 # the demonstrators' recurring habits: in these families most demos make the same mistake
 HABITS = {"compare": "'more/less than' written as >= / <=", "and": "second condition dropped",
           "distinct": "DISTINCT forgotten in COUNT"}
-HABIT_RATE = 0.85
+HABIT_RATE = 0.75
 
 
 def plural(word: str) -> str:
@@ -512,7 +514,7 @@ def train_tokenizer(rows: list[dict], out_dir=ROOT / "tokenizer", vocab_size: in
 def load_tokenizer(path):
     """AutoTokenizer from a directory (ours, or a hub model's saved copy)."""
     from transformers import AutoTokenizer
-    if not Path(path, "tokenizer_config.json").exists() and not str(path).count("/") == 1:
+    if not Path(path, "tokenizer_config.json").exists():
         raise FileNotFoundError(f"no tokenizer in {path}: run 0_download.ipynb first")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -594,10 +596,36 @@ def load_score_model(path, stage: str = "2_critic.ipynb", device=None):
     return disable_dropout(model).to(device or "cpu")
 
 
+def prepare_base_models(cfg: Config) -> dict:
+    """model/base_actor (and base_critic for opt): a fresh tiny OPT, or hub checkpoints saved locally."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, OPTForCausalLM
+    out = {}
+    if not cfg.actor_hub:                                   # tiny / smoke: built here, trained from scratch
+        tok = load_tokenizer(cfg.tokenizer_dir)
+        set_seed(cfg.seed)
+        model = OPTForCausalLM(tiny_opt_config(cfg, tok))
+        out["base_actor"] = save_model(model, tok, cfg.path("base_actor"))
+        return out
+    local = Path(cfg.actor_hub).is_dir()
+    if not local and not hub_reachable():
+        raise ConnectionError(f"the model hub is unreachable, so {cfg.actor_hub} cannot be downloaded: "
+                              "use RLHF_PRESET=tiny (trains a small OPT here), or set actor_hub/critic_hub to local dirs")
+    for key, name in (("base_actor", cfg.actor_hub), ("base_critic", cfg.critic_hub)):
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name)
+        except OSError as e:
+            raise OSError(f"could not load model {name!r}: check the name (e.g. facebook/opt-350m) or the path") from e
+        if key == "base_actor":
+            tok.save_pretrained(cfg.tokenizer_dir)
+        out[key] = save_model(model, tok, cfg.path(key))
+    return out
+
+
 def save_model(model, tok, path, metrics: dict | None = None) -> Path:
     """save_pretrained (safetensors) + tokenizer + metrics.json into a temp dir, then swap it in atomically."""
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     if tok is not None:
