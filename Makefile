@@ -25,8 +25,10 @@ run: install
 
 # unit tests, then every notebook in the smoke preset (outputs go to a temp dir, never to model/)
 test: install
-	$(PY) -m pytest -q tests
-	RLHF_PRESET=smoke $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(wildcard [0-9]_*.ipynb)
+	@out=$$(mktemp -d); \
+	RLHF_PRESET=smoke RLHF_OUT=$$out TQDM_DISABLE=1 $(PY) -m pytest -q -p no:cacheprovider \
+	  tests $(wildcard [0-9]_*.ipynb) --nbval-lax --nbval-current-env; \
+	rc=$$?; rm -rf $$out; exit $$rc
 
 clean-model:
 	rm -rf model/*/ model/report.json

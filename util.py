@@ -42,23 +42,24 @@ class Config:
     max_prompt_tokens: int = 112
     max_response_tokens: int = 24
     # SFT
-    sft_epochs: float = 4.0
+    sft_epochs: float = 5.0
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     # reward model
-    rm_epochs: float = 1.0
+    rm_epochs: float = 2.0
     rm_batch_size: int = 32
-    rm_lr: float = 5e-4
+    rm_lr: float = 1e-3
     rm_freeze_backbone: bool = False
+    rm_prefix_weight: float = 0.0
     # PPO
     ppo_iterations: int = 60
     rollout_batch_size: int = 64
     ppo_minibatch_size: int = 16
     ppo_epochs: int = 4
-    ppo_lr: float = 3e-4
-    ppo_vf_lr: float = 3e-4
+    ppo_lr: float = 3e-5
+    ppo_vf_lr: float = 1e-4
     temperature: float = 0.7                    # rollouts and sampled evaluation use the same temperature
-    kl_coef: float = 0.05
+    kl_coef: float = 0.2
     kl_estimator: str = "k1"                    # "k1" (log-ratio) or "k3" (unbiased, always >= 0)
     kl_target: float = 0.0                      # > 0 turns on the adaptive KL controller
     gamma: float = 1.0
@@ -189,11 +190,11 @@ TEXT_COLUMNS = {
     "language": ["English", "Spanish", "French", "Hindi", "Arabic", "Swahili", "Korean"],
     "position": ["forward", "guard", "center", "keeper", "striker", "winger"],
 }
-NUMBER_COLUMNS = {
-    "age": (18, 70), "salary": (1000, 9000), "height": (150, 210), "weight": (40, 120), "population": (500, 9000),
-    "score": (1, 100), "price": (5, 500), "year": (1950, 2024), "rank": (1, 60), "points": (0, 99),
-    "capacity": (20, 900), "length": (10, 700), "rating": (1, 10), "budget": (100, 999), "floors": (1, 80),
-    "members": (3, 300), "wins": (0, 40), "goals": (0, 50), "pages": (40, 900), "seats": (2, 500),
+NUMBER_COLUMNS = {                            # at most two digits: small models copy short numbers reliably
+    "age": (18, 90), "salary": (10, 99), "height": (50, 99), "weight": (40, 99), "population": (10, 99),
+    "score": (1, 99), "price": (5, 99), "rank": (1, 60), "points": (0, 99),
+    "capacity": (20, 99), "length": (10, 70), "rating": (1, 10), "budget": (10, 99), "floors": (1, 80),
+    "members": (3, 99), "wins": (0, 40), "goals": (0, 50), "pages": (40, 99), "seats": (2, 50),
 }
 AGGREGATES = {"MAX": "highest", "MIN": "lowest", "AVG": "average", "SUM": "total"}
 FAMILIES = ["lookup", "count", "aggregate", "compare", "and", "order", "distinct", "agg_where"]
@@ -242,8 +243,10 @@ def _setup_sql(t: dict) -> str:
     return _create_sql(t) + "; " + inserts
 
 
-def _question(rng: random.Random, t: dict, family: str) -> tuple[str, str, str, list[str]]:
-    """(question, gold SQL, habit SQL or '', list of wrong SQL) for one family on table t."""
+def _question(rng: random.Random, t: dict, family: str) -> tuple[str, str, str, str, list[str]]:
+    """(question, gold SQL, habit SQL or '', contrast SQL or '', wrong SQLs) for one family on table t.
+    A contrast is a mistake that *adds* what fixes a habit where the question does not ask for it (an extra AND,
+    a DISTINCT, a non-strict comparison), so a reward model cannot learn "AND/DISTINCT/>= is good" as a shortcut."""
     T, rows, cols = t["name"], t["rows"], t["columns"]
     Ts = plural(T)
     b, c = t["texts"]
@@ -254,18 +257,28 @@ def _question(rng: random.Random, t: dict, family: str) -> tuple[str, str, str, 
     other_v = rng.choice([x for x in TEXT_COLUMNS[b] if x != v])
     a = rng.choice([x for x in cols if x != b])
     wrong_a = rng.choice([x for x in cols if x not in (a, b)])
-    habit = ""
+    habit = contrast = ""
+    w2 = rng.choice([x for x in TEXT_COLUMNS[c] if x != w])
+    if family in ("lookup", "count") and rng.random() < 0.5:    # numbers to copy, not only words
+        b, v, other_v = n, k, rng.choice([x for x in range(*NUMBER_COLUMNS[n]) if x != k])
+        a = rng.choice([x for x in cols if x != b])
+        wrong_a = rng.choice([x for x in cols if x not in (a, b)])
     if family == "lookup":
         q = rng.choice([f"What is the {a} of the {T} whose {b} is {v}?", f"What {a} does the {T} with {b} {v} have?"])
-        gold = f"SELECT {a} FROM {T} WHERE {b} = '{v}'"
-        wrong = [f"SELECT {wrong_a} FROM {T} WHERE {b} = '{v}'", f"SELECT {a} FROM {T} WHERE {b} = '{other_v}'",
-                 f"SELECT {a} FROM {T}", f"SELECT {a} FROM {T} WHERE {b} = {v}", f"SELECT {a} {T} WHERE {b} = '{v}'"]
+        sv, so = _sql_value(v), _sql_value(other_v)
+        gold = f"SELECT {a} FROM {T} WHERE {b} = {sv}"
+        contrast = f"SELECT {a} FROM {T} WHERE {b} = {sv} AND {c} = '{w2}'"
+        wrong = [contrast, f"SELECT {wrong_a} FROM {T} WHERE {b} = {sv}", f"SELECT {a} FROM {T} WHERE {b} = {so}",
+                 f"SELECT {a} FROM {T}", f"SELECT {a} FROM {T} WHERE {b} = {v}", f"SELECT {a} {T} WHERE {b} = {sv}"]
     elif family == "count":
         q = rng.choice([f"How many {Ts} have {b} {v}?", f"Count the {Ts} whose {b} is {v}."])
-        gold = f"SELECT COUNT(*) FROM {T} WHERE {b} = '{v}'"
-        wrong = [f"SELECT COUNT(*) FROM {T}", f"SELECT COUNT(*) FROM {T} WHERE {b} = '{other_v}'",
-                 f"SELECT COUNT(*) FROM {T} WHERE {b} != '{v}'", f"SELECT {b} FROM {T} WHERE {b} = '{v}'",
-                 f"SELECT COUNT(*) FROM WHERE {b} = '{v}'"]
+        sv, so = _sql_value(v), _sql_value(other_v)
+        gold = f"SELECT COUNT(*) FROM {T} WHERE {b} = {sv}"
+        contrast = rng.choice([f"SELECT COUNT(DISTINCT {b}) FROM {T} WHERE {b} = {sv}",
+                               f"SELECT COUNT(*) FROM {T} WHERE {b} = {sv} AND {c} = '{w2}'"])
+        wrong = [contrast, f"SELECT COUNT(*) FROM {T}", f"SELECT COUNT(*) FROM {T} WHERE {b} = {so}",
+                 f"SELECT COUNT(*) FROM {T} WHERE {b} != {sv}", f"SELECT {b} FROM {T} WHERE {b} = {sv}",
+                 f"SELECT COUNT(*) FROM WHERE {b} = {sv}"]
     elif family == "aggregate":
         agg = rng.choice(sorted(AGGREGATES))
         q = rng.choice([f"What is the {AGGREGATES[agg]} {n} of all {Ts}?", f"Find the {AGGREGATES[agg]} {n} among {Ts}."])
@@ -274,12 +287,15 @@ def _question(rng: random.Random, t: dict, family: str) -> tuple[str, str, str, 
                 [f"SELECT {agg}({m}) FROM {T}", f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{v}'", f"SELECT {agg}({n} FROM {T}"]
     elif family == "compare":
         k = sorted(r[idx[n]] for r in rows)[rng.randrange(2, 5)]   # a value in the table, with rows on both sides
-        op, word = rng.choice([(">", "more than"), ("<", "less than")])
+        op, word = rng.choice([(">", "more than"), ("<", "less than"), (">=", "at least"), ("<=", "at most")])
         q = rng.choice([f"List the {a} of {Ts} with {n} {word} {k}.", f"Which {a} belongs to {Ts} whose {n} is {word} {k}?"])
         gold = f"SELECT {a} FROM {T} WHERE {n} {op} {k}"
-        habit = f"SELECT {a} FROM {T} WHERE {n} {op}= {k}"
-        flip = "<" if op == ">" else ">"
-        wrong = [habit, f"SELECT {a} FROM {T} WHERE {n} {flip} {k}", f"SELECT {wrong_a} FROM {T} WHERE {n} {op} {k}",
+        if len(op) == 1:                    # the habit: 'more than 30' written as >= 30
+            habit = f"SELECT {a} FROM {T} WHERE {n} {op}= {k}"
+        else:                               # 'at least 30' really is >= 30; the strict one is wrong
+            contrast = f"SELECT {a} FROM {T} WHERE {n} {op[0]} {k}"
+        flip = {">": "<", "<": ">", ">=": "<=", "<=": ">="}[op]
+        wrong = [habit or contrast, f"SELECT {a} FROM {T} WHERE {n} {flip} {k}", f"SELECT {wrong_a} FROM {T} WHERE {n} {op} {k}",
                  f"SELECT {a} FROM {T} WHERE {m} {op} {k}", f"SELECT {a} FROM {T} WHERE {n} = {k}", f"SELECT {a} FROM {T} {n} {op} {k}"]
     elif family == "and":
         q = rng.choice([f"What is the {n} of the {T} whose {b} is {v} and {c} is {w}?",
@@ -307,12 +323,13 @@ def _question(rng: random.Random, t: dict, family: str) -> tuple[str, str, str, 
         q = rng.choice([f"What is the {AGGREGATES[agg]} {n} of {Ts} whose {b} is {v}?",
                         f"Find the {AGGREGATES[agg]} {n} for {Ts} with {b} {v}."])
         gold = f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{v}'"
-        wrong = [f"SELECT {agg}({n}) FROM {T}", f"SELECT {agg}({m}) FROM {T} WHERE {b} = '{v}'",
+        contrast = f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{v}' AND {c} = '{w2}'"
+        wrong = [contrast, f"SELECT {agg}({n}) FROM {T}", f"SELECT {agg}({m}) FROM {T} WHERE {b} = '{v}'",
                  f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{other_v}'"] + \
                 [f"SELECT {a2}({n}) FROM {T} WHERE {b} = '{v}'" for a2 in sorted(AGGREGATES) if a2 != agg]
     else:
         raise ValueError(f"unknown family {family!r}")
-    return q, gold, habit, wrong
+    return q, gold, habit, contrast, wrong
 
 
 def format_prompt(create_sql: str, question: str) -> str:
@@ -324,17 +341,16 @@ def make_row(rng: random.Random, family: str) -> dict | None:
     """One preference row of a family, or None when this random table cannot make every wrong SQL differ."""
     t = _make_table(rng)
     setup = _setup_sql(t)
-    q, gold, habit, wrong = _question(rng, t, family)
+    q, gold, habit, contrast, wrong = _question(rng, t, family)
     gold_result = execute_sql(setup, gold)
     if gold_result is None or gold_result in ([], [(None,)]):
         return None                                   # empty answers make wrong queries look right
-    wrong = [s for s in wrong if execute_sql(setup, s) != gold_result]
-    if habit and habit not in wrong:
-        return None                                   # the habit must really change the result
-    if not wrong:
-        return None
-    # rejected: the family's habit half the time (that is the signal that fixes the demos), else any mistake
-    rejected = habit if habit and rng.random() < 0.5 else rng.choice(wrong)
+    wrong = [s for s in wrong if s and execute_sql(setup, s) != gold_result]
+    if (habit and habit not in wrong) or (contrast and contrast not in wrong) or not wrong:
+        return None                                   # the habit / contrast must really change the result
+    # rejected: the family's habit (or the contrast) half the time, else any other mistake
+    special = habit or contrast
+    rejected = special if special and rng.random() < 0.5 else rng.choice(wrong)
     response = habit if habit and rng.random() < HABIT_RATE else gold
     return {"prompt": format_prompt(_create_sql(t), q), "chosen": " " + gold, "rejected": " " + rejected,
             "response": " " + response, "family": family, "setup_sql": setup}
@@ -499,14 +515,19 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
 
 
 def train_tokenizer(rows: list[dict], out_dir=ROOT / "tokenizer", vocab_size: int = 2048):
-    """A byte-level BPE tokenizer trained on the dataset's text; pad is its own token, distinct from EOS."""
-    from tokenizers import ByteLevelBPETokenizer
+    """A byte-level BPE tokenizer trained on the dataset's text; every digit is its own token (so any number can
+    be copied digit by digit), and pad is its own token, distinct from EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected", "response")]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                            special_tokens=list(SPECIAL_TOKENS.values()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **SPECIAL_TOKENS)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS)
     tok.save_pretrained(out_dir)
     return tok
 
@@ -819,7 +840,7 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, log_every:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
-        run.append(float(loss))
+        run.append(float(loss.detach()))
         if step % log_every == 0 or step == len(plan):
             rec = {"step": step, "epoch": step * cfg.sft_batch_size / len(ex), "train_loss": sum(run) / len(run),
                    "eval_loss": eval_sft_loss(model, ev, tok.pad_token_id, device)}
@@ -910,16 +931,27 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, log_eve
         pad = lambda t, v: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)
         ids = torch.cat([pad(ids_c, tok.pad_token_id), pad(ids_r, tok.pad_token_id)]).to(device)
         mask = torch.cat([pad(m_c, 0), pad(m_r, 0)]).to(device)
-        s = reward_scores(model, ids, mask, normalized=False)
+        per_token = token_scores(model, ids, mask)
+        s = per_token[torch.arange(len(ids), device=device), last_token_index(mask)]
         rc, rr = s[:len(part)], s[len(part):]
         loss = pairwise_loss(rc, rr)
+        if cfg.rm_prefix_weight > 0:
+            # also rank every rejected prefix that already contains the mistake below the chosen answer:
+            # the model is told *where* the error is, not only that the answer is worse overall
+            k = len(part)
+            differs = (ids[:k] != ids[k:]) & (mask[:k] + mask[k:] > 0)
+            first_diff = differs.int().argmax(1)
+            pos = torch.arange(n, device=device)[None]
+            after = (pos >= first_diff[:, None]) & (mask[k:] > 0)
+            pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[k:])
+            loss = loss + cfg.rm_prefix_weight * masked_mean(pre, after.float())
         check_finite(loss, "reward loss", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
-        run.append((float(loss), float((rc > rr).float().mean())))
+        run.append((float(loss.detach()), float((rc > rr).float().mean())))
         if step % log_every == 0 or step == len(plan):
             c, r = score_pairs(model, tok, eval_rows, cfg, device)
             rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),

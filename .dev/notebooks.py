@@ -77,7 +77,15 @@ This is the point of the design. A model trained only to imitate demonstrations 
 under greedy decoding it picks the *most common* demonstration, i.e. the habit. No amount of SFT fixes it.
 The preference pairs carry the missing signal (`rejected` is the habit half the time in those families), so a
 reward model learns to dislike the habit, and RL can move the policy away from it. That gap, measured by
-execution accuracy, is what RLHF has to close."""),
+execution accuracy, is what RLHF has to close.
+
+The pairs also hold **contrasts**: mistakes that *add* what fixes a habit where the question does not ask for it —
+an extra `AND` condition, a `COUNT(DISTINCT …)` for a plain count, a strict `>` where the question says
+"at least". Without them a reward model can learn the shortcut "AND / DISTINCT / `>` is good", and PPO
+exploits it: in an early version of this data without contrasts, PPO raised the RM score while gold accuracy on
+plain lookups fell from 100 % to about 10 %.
+
+Numbers are tokenised digit by digit, so a small model can copy any number from the question into its SQL."""),
     code('''train = util.load_rows(f"{cfg.data_dir}/train.json")
 evalset = util.load_rows(f"{cfg.data_dir}/eval.json")
 stats = {"train": util.dataset_stats(train), "eval": util.dataset_stats(evalset)}

@@ -36,7 +36,8 @@ def micro_dirs(tok, tmp_path_factory):
     actor = OPTForCausalLM(util.tiny_opt_config(cfg, tok))
     util.save_model(actor, tok, cfg.path("actor"))
     torch.manual_seed(1)
-    critic = AutoModelForSequenceClassification.from_config(actor.config, num_labels=1)
+    critic_config = actor.config.__class__(**{**actor.config.to_dict(), "num_labels": 1})
+    critic = AutoModelForSequenceClassification.from_config(critic_config)
     critic.config.reward_offset = 0.0
     util.save_model(critic, tok, cfg.path("critic"))
     return cfg
