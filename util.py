@@ -635,7 +635,7 @@ def prepare_base_models(cfg: Config) -> dict:
         try:
             tok = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise OSError(f"could not load model {name!r}: check the name (e.g. facebook/opt-350m) or the path") from e
         if key == "base_actor":
             tok.save_pretrained(cfg.tokenizer_dir)
