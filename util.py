@@ -50,7 +50,7 @@ class Config:
     rm_batch_size: int = 32
     rm_lr: float = 1e-3
     rm_freeze_backbone: bool = False
-    rm_prefix_weight: float = 0.0
+    rm_prefix_weight: float = 1.0
     # PPO
     ppo_iterations: int = 60
     rollout_batch_size: int = 64

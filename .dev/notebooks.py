@@ -202,6 +202,11 @@ Details that matter:
 * Dropout is off, so the same text always gets the same score.
 * After training we **normalise**: shift scores so the SFT policy's answers average 0. PPO then sees
   positive rewards for better-than-SFT answers and negative for worse. The shift is stored in the model config.
+* **Where is the mistake?** A single score per answer is a weak signal for a small model: it must find the one
+  wrong token among fifty. So we add the same pairwise loss on every *prefix* of the rejected answer that already
+  contains the mistake (from the first token where it departs from the chosen answer):
+  $\;\frac{1}{|T|}\sum_{t \in T} -\log\sigma\big(r(x, y_{\text{chosen}}) - r_t(x, y_{\text{rejected}, \le t})\big)$.
+  The score that PPO uses is still the one read at the EOS (`rm_prefix_weight=0` turns the extra term off).
 * `rm_freeze_backbone=True` trains the head only (cheaper, weaker).""") + [
     code('''tok = util.load_tokenizer(cfg.path("actor"))
 train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
