@@ -890,6 +890,15 @@ def pairwise_loss(r_chosen, r_rejected):
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
+def mistake_positions(ids_chosen, ids_rejected, mask_chosen, mask_rejected):
+    """1 on the rejected tokens from the first one that departs from the chosen answer up to its EOS."""
+    import torch
+    differs = (ids_chosen != ids_rejected) & ((mask_chosen + mask_rejected) > 0)
+    first = differs.int().argmax(1)
+    pos = torch.arange(ids_rejected.shape[1], device=ids_rejected.device)[None]
+    return ((pos >= first[:, None]) & (mask_rejected > 0)).float()
+
+
 def rm_batch(tok, rows, cfg: Config, key: str):
     """Right-padded (ids, mask) of prompt + rows[key] + EOS."""
     ex = [sft_example(tok, r["prompt"], r[key], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in rows]
@@ -939,12 +948,9 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, log_eve
             # also rank every rejected prefix that already contains the mistake below the chosen answer:
             # the model is told *where* the error is, not only that the answer is worse overall
             k = len(part)
-            differs = (ids[:k] != ids[k:]) & (mask[:k] + mask[k:] > 0)
-            first_diff = differs.int().argmax(1)
-            pos = torch.arange(n, device=device)[None]
-            after = (pos >= first_diff[:, None]) & (mask[k:] > 0)
+            after = mistake_positions(ids[:k], ids[k:], mask[:k], mask[k:])
             pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[k:])
-            loss = loss + cfg.rm_prefix_weight * masked_mean(pre, after.float())
+            loss = loss + cfg.rm_prefix_weight * masked_mean(pre, after)
         check_finite(loss, "reward loss", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()

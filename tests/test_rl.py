@@ -63,6 +63,14 @@ def test_reward_score_same_under_left_and_right_padding(tok, micro_dirs, rows):
         assert torch.allclose(util.reward_scores(rm, ids_r, mask_r), right - 0.5, atol=1e-6)
 
 
+def test_mistake_positions():
+    pad = 0
+    chosen = torch.tensor([[5, 6, 7, 2, pad], [5, 6, 7, 8, 2]])
+    rejected = torch.tensor([[5, 6, 9, 9, 2], [5, 6, 7, 2, pad]])      # a wrong token; a dropped condition
+    m = util.mistake_positions(chosen, rejected, (chosen != pad).long(), (rejected != pad).long())
+    assert m.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 0]]
+
+
 def test_pairwise_loss_hand_computed():
     rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     # -log sigmoid(1) = 0.31326, -log sigmoid(-1) = 1.31326
