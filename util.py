@@ -821,13 +821,15 @@ def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) ->
     return tot / max(n, 1)
 
 
-def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, log_every: int = 20) -> list[dict]:
-    """Supervised fine-tuning on prompt -> response demos; returns the loss history."""
+def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 25) -> list[dict]:
+    """Supervised fine-tuning on prompt -> response demos; returns the loss history (held-out loss on up to
+    200 eval rows, n_logs times)."""
     import torch
     from tqdm.auto import tqdm
     ex = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in train_rows]
-    ev = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in eval_rows]
+    ev = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in eval_rows[:200]]
     plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
+    log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
     history, run = [], []
     bar = tqdm(plan, desc="SFT")
@@ -919,14 +921,16 @@ def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
     return c, r
 
 
-def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, log_every: int = 20) -> list[dict]:
-    """Pairwise reward-model training; returns loss/accuracy history (train running, eval held-out)."""
+def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 20) -> list[dict]:
+    """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up to 200 pairs)."""
     import torch
     from tqdm.auto import tqdm
     if cfg.rm_freeze_backbone:                  # train the head only (cheap, less overfitting, weaker)
         for p in getattr(model, model.base_model_prefix).parameters():
             p.requires_grad_(False)
     plan = batches(len(train_rows), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
+    log_every = max(1, len(plan) // n_logs)
+    curve_rows = eval_rows[:200]
     opt, sched = make_optimizer(model, cfg.rm_lr, len(plan))
     history, run = [], []
     bar = tqdm(plan, desc="reward model")
@@ -959,7 +963,7 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, log_eve
         sched.step()
         run.append((float(loss.detach()), float((rc > rr).float().mean())))
         if step % log_every == 0 or step == len(plan):
-            c, r = score_pairs(model, tok, eval_rows, cfg, device)
+            c, r = score_pairs(model, tok, curve_rows, cfg, device)
             rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),
                    "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c)}
             history.append(rec)
@@ -1230,7 +1234,7 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
         for k in ("actor", "critic"):
             optimizer_from_tensors(opts[k], tensors, state["optimizer"][k], k)
         history, kl_coef, start = state["history"], state["kl_coef"], state["iteration"]
-        print(f"resuming PPO from iteration {start} (checkpoint in {out})")
+        print(f"resuming PPO from iteration {start} (checkpoint in {out}; delete that folder to start over)")
     end = cfg.ppo_iterations if stop_after is None else min(cfg.ppo_iterations, start + stop_after)
     bar = tqdm(range(start, end), desc="PPO", initial=start, total=cfg.ppo_iterations)
     for it in bar:

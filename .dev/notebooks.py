@@ -331,7 +331,8 @@ table = pd.DataFrame(results).T
 table'''),
     code('''fig, ax = plt.subplots(figsize=(7, 3))
 table[["exec_acc_greedy", "exec_acc_sampled"]].plot.bar(ax=ax, rot=0, ylim=(0, 1), title="execution accuracy (held-out)")
-ax.grid(axis="y", alpha=0.3);'''),
+ax.grid(axis="y", alpha=0.3)
+fig.savefig(cfg.path("report.png"), dpi=110, bbox_inches="tight");'''),
     code('''pd.DataFrame({name: {f: v["sampled_ok"] for f, v in util.per_family_accuracy(r).items()} for name, r in rows.items()})'''),
     md("Side by side, sampled answers (✓ = same result as the gold SQL):"),
     code('''side = pd.DataFrame({"family": [r["family"] for r in rows["SFT"]], "gold": [r["gold"] for r in rows["SFT"]]})
@@ -352,7 +353,8 @@ if ppo_history:
     ax1.plot(ph["kl"], ph["rm_score"], "o-", color="C0", label="RM score"); ax1.set_xlabel("KL to SFT (nats / answer)")
     ax1.set_ylabel("RM score", color="C0")
     ax2 = ax1.twinx(); ax2.plot(ph["kl"], ph["gold_acc"], "s-", color="C1", label="gold accuracy"); ax2.set_ylabel("gold execution accuracy", color="C1")
-    ax1.set_title("proxy vs gold along PPO training");'''),
+    ax1.set_title("proxy vs gold along PPO training")
+    fig.savefig(cfg.path("overoptimisation.png"), dpi=110, bbox_inches="tight");'''),
     code('''report = {"preset": cfg.preset, "n_eval_prompts": len(evalset), "temperature": cfg.temperature,
           "models": results, "per_family": {n: util.per_family_accuracy(r) for n, r in rows.items()}}
 util.write_json(report, cfg.path("report.json"))
