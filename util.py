@@ -1200,14 +1200,23 @@ def save_ppo_checkpoint(path, models, opts, tok, state: dict) -> None:
     _swap_dir(tmp, path)
 
 
+def inputs_fingerprint(cfg: Config) -> list:
+    """Size and modification time of the SFT and RM weights: a checkpoint made from other models is stale."""
+    files = sorted(p for d in ("actor", "critic") for p in cfg.path(d).glob("*.safetensors"))
+    return [[p.parent.name, p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def load_ppo_state(path, cfg: Config) -> dict | None:
-    """The state.json of a PPO checkpoint made with the same preset, else None."""
+    """The state.json of a PPO checkpoint made with the same preset from the same SFT and RM, else None."""
     recover_dir(path)
     f = Path(path, "state.json")
     if not f.exists():
         return None
     state = json.loads(f.read_text())
-    return state if state.get("preset") == cfg.preset else None
+    if state.get("preset") != cfg.preset or state.get("inputs") != inputs_fingerprint(cfg):
+        print(f"{path} holds a PPO run of other models (SFT or RM retrained since): starting PPO afresh")
+        return None
+    return state
 
 
 def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> list[dict]:
@@ -1246,8 +1255,8 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
             kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size)
         bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.2f}")
         if (it + 1) % cfg.save_every == 0 or it + 1 == end:
-            save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "iteration": it + 1,
-                                                         "kl_coef": kl_coef, "history": history})
+            save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "inputs": inputs_fingerprint(cfg),
+                                                         "iteration": it + 1, "kl_coef": kl_coef, "history": history})
     return history
 
 

@@ -221,3 +221,6 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(micro_dirs, rows, tmp_
     assert not any(p.name.endswith((".tmp", ".old")) for p in b.iterdir())   # no half-written leftovers
     model = util.load_causal_lm(b / "rlhf")                               # loads with plain from_pretrained
     assert model is not None
+    # a retrained SFT model makes the checkpoint stale: PPO starts afresh instead of resuming
+    util.save_model(util.load_causal_lm(b / "actor"), None, b / "actor")
+    assert util.load_ppo_state(b / "rlhf", cfg_b) is None
