@@ -20,7 +20,7 @@ run: install
 	@for nb in $(NOTEBOOKS); do \
 	  [ -f $$nb.ipynb ] || continue; \
 	  echo ">>> $$nb.ipynb"; \
-	  $(PY) -m papermill --log-output --no-progress-bar -k python3 $$nb.ipynb $$nb.ipynb || exit 1; \
+	  RLHF_TEXT_PROGRESS=1 $(PY) -m papermill --log-output --no-progress-bar -k python3 $$nb.ipynb $$nb.ipynb || exit 1; \
 	done
 
 # unit tests, then every notebook in the smoke preset (outputs go to a temp dir, never to model/)

@@ -167,6 +167,22 @@ def colab_setup(requirements: str = "requirements.txt", run=None) -> list[str]:
     return cmd
 
 
+def progress(iterable, **kwargs):
+    """A progress bar: a notebook widget when interactive, plain text lines under `make run`
+    (RLHF_TEXT_PROGRESS=1), so saved notebooks show the final state instead of an empty widget."""
+    if os.environ.get("RLHF_TEXT_PROGRESS"):
+        from tqdm import tqdm as text_tqdm
+        return text_tqdm(iterable, file=sys.stdout, mininterval=30, ncols=110, **kwargs)
+    from tqdm.auto import tqdm
+    return tqdm(iterable, **kwargs)
+
+
+def quiet_hf() -> None:
+    """Hide transformers' own per-load progress bars (loading and writing a tiny model needs none)."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 # ============================================================================ data: the text-to-SQL preference set
 #
 # Each row: a CREATE TABLE context, a question, and the SQL that answers it. `chosen` is correct, `rejected` is a
@@ -599,6 +615,7 @@ def _require(path, stage: str) -> Path:
 def load_causal_lm(path, stage: str = "1_actor.ipynb", device=None):
     """A causal LM from a save_pretrained directory (safetensors), dropout off."""
     from transformers import AutoModelForCausalLM
+    quiet_hf()
     model = AutoModelForCausalLM.from_pretrained(_require(path, stage))
     return disable_dropout(model).to(device or "cpu")
 
@@ -607,6 +624,7 @@ def load_score_model(path, stage: str = "2_critic.ipynb", device=None):
     """A backbone + scalar head (AutoModelForSequenceClassification, num_labels=1), dropout off."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+    quiet_hf()
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()          # a fresh head on a causal-LM checkpoint is expected, not a warning
     try:
@@ -645,6 +663,7 @@ def prepare_base_models(cfg: Config) -> dict:
 
 def save_model(model, tok, path, metrics: dict | None = None) -> Path:
     """save_pretrained (safetensors) + tokenizer + metrics.json into a temp dir, then swap it in atomically."""
+    quiet_hf()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -736,10 +755,9 @@ def decode_responses(tok, responses) -> list[str]:
 def sample_answers(model, tok, prompts: list[str], cfg: Config, greedy: bool = False, batch_size: int = 0,
                    desc: str = "generating"):
     """Answers as text for many prompts, in batches, with a progress bar."""
-    from tqdm.auto import tqdm
     out = []
     bs = batch_size or cfg.eval_batch_size
-    for i in tqdm(range(0, len(prompts), bs), desc=desc, leave=False):
+    for i in progress(range(0, len(prompts), bs), desc=desc, leave=False):
         qr, _, lq = generate(model, tok, prompts[i:i + bs], cfg, greedy=greedy)
         out += decode_responses(tok, qr[:, lq:])
     return out
@@ -825,14 +843,13 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
     """Supervised fine-tuning on prompt -> response demos; returns the loss history (held-out loss on up to
     200 eval rows, n_logs times)."""
     import torch
-    from tqdm.auto import tqdm
     ex = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in train_rows]
     ev = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in eval_rows[:200]]
     plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
     history, run = [], []
-    bar = tqdm(plan, desc="SFT")
+    bar = progress(plan, desc="SFT")
     for step, idx in enumerate(bar, 1):
         model.train()
         loss = sft_loss(model, right_pad_batch([ex[i] for i in idx], tok.pad_token_id), device)
@@ -924,7 +941,6 @@ def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
 def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 20) -> list[dict]:
     """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up to 200 pairs)."""
     import torch
-    from tqdm.auto import tqdm
     if cfg.rm_freeze_backbone:                  # train the head only (cheap, less overfitting, weaker)
         for p in getattr(model, model.base_model_prefix).parameters():
             p.requires_grad_(False)
@@ -933,7 +949,7 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
     curve_rows = eval_rows[:200]
     opt, sched = make_optimizer(model, cfg.rm_lr, len(plan))
     history, run = [], []
-    bar = tqdm(plan, desc="reward model")
+    bar = progress(plan, desc="reward model")
     for step, idx in enumerate(bar, 1):
         model.train()
         part = [train_rows[i] for i in idx]
@@ -1186,6 +1202,7 @@ def optimizer_from_tensors(opt, tensors: dict, meta: dict, prefix: str) -> None:
 def save_ppo_checkpoint(path, models, opts, tok, state: dict) -> None:
     """Actor (top level), critic/, optimizer states (safetensors) and state.json, swapped in atomically."""
     from safetensors.torch import save_file
+    quiet_hf()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1223,7 +1240,6 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
     """The PPO loop with periodic atomic checkpoints; re-running resumes from the last one."""
     import torch
     from safetensors.torch import load_file
-    from tqdm.auto import tqdm
     out = cfg.path("rlhf")
     tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
     _require(cfg.path("critic"), "2_critic.ipynb")
@@ -1245,7 +1261,7 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
         history, kl_coef, start = state["history"], state["kl_coef"], state["iteration"]
         print(f"resuming PPO from iteration {start} (checkpoint in {out}; delete that folder to start over)")
     end = cfg.ppo_iterations if stop_after is None else min(cfg.ppo_iterations, start + stop_after)
-    bar = tqdm(range(start, end), desc="PPO", initial=start, total=cfg.ppo_iterations)
+    bar = progress(range(start, end), desc="PPO", initial=start, total=cfg.ppo_iterations)
     for it in bar:
         set_seed(cfg.seed * 100_003 + it)                  # each iteration is reproducible, resumed or not
         batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.rollout_batch_size].tolist()]
@@ -1266,12 +1282,11 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
 def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str = "eval") -> tuple[dict, list[dict]]:
     """Execution accuracy greedy and sampled, RM score, KL to the reference, length and EOS rate on `rows`."""
     import torch
-    from tqdm.auto import tqdm
     prompts = [r["prompt"] for r in rows]
     greedy = sample_answers(model, tok, prompts, cfg, greedy=True, desc=f"{desc} greedy")
     per_row = []
     bs = cfg.eval_batch_size
-    for i in tqdm(range(0, len(rows), bs), desc=f"{desc} sampled", leave=False):
+    for i in progress(range(0, len(rows), bs), desc=f"{desc} sampled", leave=False):
         part = rows[i:i + bs]
         qr, pmask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
         resp = qr[:, lq:]

@@ -296,7 +296,7 @@ print(f"PPO wall time (this run): {ppo_seconds:.0f} s;  iterations: {len(history
 util.plot_history(h, "iteration", [["rm_score"], ["gold_acc"], ["kl"], ["entropy"]], "what PPO optimises, and what it costs")
 util.plot_history(h, "iteration", [["clipfrac", "approx_kl"], ["pg_loss"], ["vf_loss"], ["length"], ["eos_rate"]], "PPO health");'''),
     code('''times = pd.DataFrame(h)[["time_generate", "time_score", "time_train"]]
-print(f"time per iteration: {times.sum(1).mean():.2f} s")
+print(f"time per iteration: {times.sum(axis=1).mean():.2f} s")
 ax = times.plot.area(figsize=(7, 3), title="time split per iteration (s)"); ax.set_xlabel("iteration");'''),
     code('''cols = ["iteration", "rm_score", "gold_acc", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl",
         "ratio_first_minibatch", "length", "eos_rate", "sample"]
@@ -348,12 +348,17 @@ has started to exploit the RM. The KL penalty keeps it near the region where the
     code('''import json
 ppo_history = json.loads((cfg.path("rlhf") / "metrics.json").read_text()) if "RLHF (PPO)" in present else []
 if ppo_history:
-    ph = pd.DataFrame(ppo_history)
+    ph = pd.DataFrame(ppo_history).sort_values("kl")
+    smooth = ph[["kl", "rm_score", "gold_acc"]].rolling(9, center=True, min_periods=3).mean()   # trend through noisy iterations
     fig, ax1 = plt.subplots(figsize=(7, 3.5))
-    ax1.plot(ph["kl"], ph["rm_score"], "o-", color="C0", label="RM score"); ax1.set_xlabel("KL to SFT (nats / answer)")
-    ax1.set_ylabel("RM score", color="C0")
-    ax2 = ax1.twinx(); ax2.plot(ph["kl"], ph["gold_acc"], "s-", color="C1", label="gold accuracy"); ax2.set_ylabel("gold execution accuracy", color="C1")
-    ax1.set_title("proxy vs gold along PPO training")
+    ax1.scatter(ph["kl"], ph["rm_score"], color="C0", alpha=0.35, s=14)
+    ax1.plot(smooth["kl"], smooth["rm_score"], color="C0", lw=2, label="RM score (proxy)")
+    ax1.set_xlabel("KL to SFT of the rollouts (nats / answer)"); ax1.set_ylabel("RM score", color="C0")
+    ax2 = ax1.twinx()
+    ax2.scatter(ph["kl"], ph["gold_acc"], color="C1", alpha=0.35, s=14, marker="s")
+    ax2.plot(smooth["kl"], smooth["gold_acc"], color="C1", lw=2, label="gold accuracy")
+    ax2.set_ylabel("gold execution accuracy", color="C1")
+    ax1.set_title("proxy vs gold along PPO training (dots: iterations, lines: running mean)")
     fig.savefig(cfg.path("overoptimisation.png"), dpi=110, bbox_inches="tight");'''),
     code('''report = {"preset": cfg.preset, "n_eval_prompts": len(evalset), "temperature": cfg.temperature,
           "models": results, "per_family": {n: util.per_family_accuracy(r) for n, r in rows.items()}}
