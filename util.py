@@ -865,7 +865,7 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
                    "eval_loss": eval_sft_loss(model, ev, tok.pad_token_id, device)}
             history.append(rec)
             run = []
-            bar.set_postfix(train=f"{rec['train_loss']:.3f}", eval=f"{rec['eval_loss']:.3f}")
+            bar.set_postfix(train=f"{rec['train_loss']:.3f}", eval=f"{rec['eval_loss']:.3f}", refresh=False)
     model.eval()
     return history
 
@@ -984,7 +984,7 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
                    "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c)}
             history.append(rec)
             run = []
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}")
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}", refresh=False)
     model.eval()
     return history
 
@@ -1269,7 +1269,7 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
         history.append(rec)
         if cfg.kl_target > 0:
             kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size)
-        bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.2f}")
+        bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.2f}", refresh=False)
         if (it + 1) % cfg.save_every == 0 or it + 1 == end:
             save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "inputs": inputs_fingerprint(cfg),
                                                          "iteration": it + 1, "kl_coef": kl_coef, "history": history})
