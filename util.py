@@ -155,7 +155,7 @@ def get_device():
     return device
 
 
-def colab_setup(requirements: str = "requirements.txt", run=None) -> list[str]:
+def colab_setup(requirements=ROOT / "requirements.txt", run=None) -> list[str]:
     """In Colab, pip-install the requirements except torch (Colab's own build stays); elsewhere do nothing."""
     if not in_colab():
         return []
