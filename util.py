@@ -925,17 +925,24 @@ def rm_batch(tok, rows, cfg: Config, key: str):
     return ids, mask
 
 
-def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
-    """(chosen scores, rejected scores) for many rows, no gradient."""
+def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config, device, normalized=True, batch_size=128):
+    """Reward of each (prompt, answer) pair."""
     import torch
     model.eval()
-    c, r = [], []
+    out = []
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            part = rows[i:i + batch_size]
-            c += reward_scores(model, *(t.to(device) for t in rm_batch(tok, part, cfg, "chosen")), normalized=False).tolist()
-            r += reward_scores(model, *(t.to(device) for t in rm_batch(tok, part, cfg, "rejected")), normalized=False).tolist()
-    return c, r
+        for i in range(0, len(prompts), batch_size):
+            rows = [{"prompt": p, "x": a} for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
+            ids, mask = rm_batch(tok, rows, cfg, "x")
+            out += reward_scores(model, ids.to(device), mask.to(device), normalized).tolist()
+    return out
+
+
+def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
+    """(chosen scores, rejected scores), raw, for many rows, no gradient."""
+    prompts = [r["prompt"] for r in rows]
+    return tuple(score_texts(model, tok, prompts, [r[k] for r in rows], cfg, device, normalized=False,
+                             batch_size=batch_size) for k in ("chosen", "rejected"))
 
 
 def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 20) -> list[dict]:
@@ -987,19 +994,6 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}", refresh=False)
     model.eval()
     return history
-
-
-def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config, device, normalized=True, batch_size=128):
-    """Reward of each (prompt, answer) pair."""
-    import torch
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            rows = [{"prompt": p, "x": a} for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
-            ids, mask = rm_batch(tok, rows, cfg, "x")
-            out += reward_scores(model, ids.to(device), mask.to(device), normalized).tolist()
-    return out
 
 
 def set_reward_offset(model, tok, prompts, policy_answers, cfg: Config, device) -> float:
