@@ -279,16 +279,15 @@ def _question(rng: random.Random, t: dict, family: str) -> tuple[str, str, str, 
         b, v, other_v = n, k, rng.choice([x for x in range(*NUMBER_COLUMNS[n]) if x != k])
         a = rng.choice([x for x in cols if x != b])
         wrong_a = rng.choice([x for x in cols if x not in (a, b)])
+    sv, so = _sql_value(v), _sql_value(other_v)           # the filter value as an SQL literal (quoted if text)
     if family == "lookup":
         q = rng.choice([f"What is the {a} of the {T} whose {b} is {v}?", f"What {a} does the {T} with {b} {v} have?"])
-        sv, so = _sql_value(v), _sql_value(other_v)
         gold = f"SELECT {a} FROM {T} WHERE {b} = {sv}"
         contrast = f"SELECT {a} FROM {T} WHERE {b} = {sv} AND {c} = '{w2}'"
         wrong = [contrast, f"SELECT {wrong_a} FROM {T} WHERE {b} = {sv}", f"SELECT {a} FROM {T} WHERE {b} = {so}",
                  f"SELECT {a} FROM {T}", f"SELECT {a} FROM {T} WHERE {b} = {v}", f"SELECT {a} {T} WHERE {b} = {sv}"]
     elif family == "count":
         q = rng.choice([f"How many {Ts} have {b} {v}?", f"Count the {Ts} whose {b} is {v}."])
-        sv, so = _sql_value(v), _sql_value(other_v)
         gold = f"SELECT COUNT(*) FROM {T} WHERE {b} = {sv}"
         contrast = rng.choice([f"SELECT COUNT(DISTINCT {b}) FROM {T} WHERE {b} = {sv}",
                                f"SELECT COUNT(*) FROM {T} WHERE {b} = {sv} AND {c} = '{w2}'"])
