@@ -893,12 +893,16 @@ def token_scores(model, input_ids, attention_mask):
     return model.score(hidden).squeeze(-1)
 
 
-def reward_scores(model, input_ids, attention_mask, normalized: bool = True):
-    """The reward: the head's output read at the last real token (the EOS, not a pad after it), minus the
-    stored offset that makes the SFT policy's mean score 0."""
+def at_last_token(per_token, attention_mask):
+    """Per-token scores read at the last real token of each row (the EOS, not a pad after it)."""
     import torch
-    s = token_scores(model, input_ids, attention_mask)
-    s = s[torch.arange(len(s), device=s.device), last_token_index(attention_mask)]
+    return per_token[torch.arange(len(per_token), device=per_token.device), last_token_index(attention_mask)]
+
+
+def reward_scores(model, input_ids, attention_mask, normalized: bool = True):
+    """The reward: the head's output read at the last real token, minus the stored offset that makes the SFT
+    policy's mean score 0."""
+    s = at_last_token(token_scores(model, input_ids, attention_mask), attention_mask)
     return s - getattr(model.config, "reward_offset", 0.0) if normalized else s
 
 
@@ -967,7 +971,7 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
         ids = torch.cat([pad(ids_c, tok.pad_token_id), pad(ids_r, tok.pad_token_id)]).to(device)
         mask = torch.cat([pad(m_c, 0), pad(m_r, 0)]).to(device)
         per_token = token_scores(model, ids, mask)
-        s = per_token[torch.arange(len(ids), device=device), last_token_index(mask)]
+        s = at_last_token(per_token, mask)
         rc, rr = s[:len(part)], s[len(part):]
         loss = pairwise_loss(rc, rr)
         if cfg.rm_prefix_weight > 0:
