@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-NOTEBOOKS := 0_download 1_actor 2_critic 3_rlhf 4_test
+# 4_test runs last: it reports every model the others made (SFT, PPO, DPO, GRPO)
+NOTEBOOKS := 0_download 1_actor 2_critic 3_rlhf 5_dpo 6_grpo 4_test
 
 .PHONY: install run test clean-model
 

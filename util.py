@@ -2,6 +2,7 @@
 evaluation, plotting, CLI. The notebooks tell the story; this file holds the code they share."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -71,6 +72,26 @@ class Config:
     missing_eos_penalty: float = 1.0
     whiten_rewards: bool = False
     save_every: int = 20
+    # DPO: offline, on the preference pairs, against the frozen SFT model
+    dpo_epochs: float = 2.0
+    dpo_batch_size: int = 32
+    dpo_lr: float = 2e-4
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"                   # "sigmoid" (DPO) or "ipo"
+    dpo_sft_weight: float = 0.0                 # > 0 adds the SFT loss on the chosen answers (RPO)
+    # GRPO: a group of sampled answers per prompt, advantages relative to the group, no critic
+    grpo_iterations: int = 40
+    grpo_prompts: int = 16                      # prompts per iteration
+    grpo_group_size: int = 8                    # answers sampled per prompt
+    grpo_minibatch_size: int = 32
+    grpo_epochs: int = 2
+    grpo_lr: float = 5e-5
+    grpo_kl_coef: float = 0.04
+    grpo_format_weight: float = 0.2             # weight of the format reward beside execution accuracy
+    grpo_rm_weight: float = 0.0                 # > 0 adds the reward model's score to the verifiable rewards
+    # LoRA (peft) for the actor in PPO, DPO and GRPO: 0 = full fine-tuning
+    lora_r: int = 0
+    lora_alpha: int = 16
     # evaluation
     eval_batch_size: int = 128
 
@@ -83,7 +104,8 @@ PRESETS = {
     # seconds: only checks that every stage runs end to end
     "smoke": dict(d_model=32, n_layers=1, n_heads=2, n_train=64, n_eval=16, sft_epochs=1, sft_batch_size=16,
                   rm_epochs=1, rm_batch_size=16, ppo_iterations=2, rollout_batch_size=8, ppo_minibatch_size=4,
-                  ppo_epochs=2, save_every=1, max_response_tokens=24, eval_batch_size=16),
+                  ppo_epochs=2, save_every=1, max_response_tokens=24, eval_batch_size=16, dpo_epochs=1,
+                  dpo_batch_size=16, grpo_iterations=2, grpo_prompts=4, grpo_group_size=4, grpo_minibatch_size=8),
     # minutes on a laptop CPU: a small OPT trained from scratch on the shipped data
     "tiny": dict(),
     # a GPU and a reachable hub: real OPT checkpoints, fine-tuned
@@ -155,6 +177,30 @@ def get_device():
     return device
 
 
+_ACCELERATOR = []
+
+
+def accelerator():
+    """The run's accelerate.Accelerator. In a notebook (one process) it changes nothing; under
+    `accelerate launch` it wraps the model for data parallelism over processes (DDP, or DeepSpeed ZeRO)."""
+    if not _ACCELERATOR:
+        from accelerate import Accelerator
+        _ACCELERATOR.append(Accelerator())
+    return _ACCELERATOR[0]
+
+
+def unwrap(model):
+    """The model inside an accelerate/DDP/DeepSpeed wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def my_share(idx: list) -> list:
+    """This process's part of a batch: with N processes each takes every N-th example, so the global batch
+    (and the learning-rate schedule) stays what the config says."""
+    acc = accelerator()
+    return idx[acc.process_index::acc.num_processes]
+
+
 def colab_setup(requirements=ROOT / "requirements.txt", run=None) -> list[str]:
     """In Colab, pip-install the requirements except torch (Colab's own build stays); elsewhere do nothing."""
     if not in_colab():
@@ -170,6 +216,9 @@ def colab_setup(requirements=ROOT / "requirements.txt", run=None) -> list[str]:
 def progress(iterable, **kwargs):
     """A progress bar: a notebook widget when interactive, plain text lines under `make run`
     (RLHF_TEXT_PROGRESS=1), so saved notebooks show the final state instead of an empty widget."""
+    from accelerate import PartialState
+    if not PartialState().is_main_process:      # under `accelerate launch` one bar, not one per process
+        kwargs["disable"] = True
     if os.environ.get("RLHF_TEXT_PROGRESS"):
         from tqdm import tqdm as text_tqdm
         return text_tqdm(iterable, file=sys.stdout, mininterval=30, ncols=110, **kwargs)
@@ -603,6 +652,32 @@ def disable_dropout(model):
     return model
 
 
+def add_lora(model, cfg: Config):
+    """With cfg.lora_r > 0, wrap the model in peft LoRA adapters on every linear layer (base weights frozen)."""
+    if cfg.lora_r <= 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    import warnings
+    with warnings.catch_warnings():             # peft calls a transformers method deprecated in v5: not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def reference_model(actor, ref):
+    """The frozen reference policy: the SFT copy `ref`, or with LoRA (ref=None) the actor itself with its
+    adapters switched off, so only one copy of the base weights is held."""
+    import torch
+    with torch.no_grad():
+        if ref is not None:
+            yield ref
+        else:
+            with actor.disable_adapter():
+                yield actor
+
+
 def _require(path, stage: str) -> Path:
     """The path, or a clear error saying which notebook makes it."""
     path = Path(path)
@@ -666,6 +741,9 @@ def save_model(model, tok, path, metrics: dict | None = None) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "merge_and_unload"):      # LoRA: save merged weights, so a plain from_pretrained loads them
+        import copy
+        model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     if tok is not None:
         tok.save_pretrained(tmp)
@@ -847,15 +925,17 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
     plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
+    acc = accelerator()
+    wrapped, opt = acc.prepare(model, opt)      # same weights; a DDP wrapper only under `accelerate launch`
     history, run = [], []
     bar = progress(plan, desc="SFT")
     for step, idx in enumerate(bar, 1):
         model.train()
-        loss = sft_loss(model, right_pad_batch([ex[i] for i in idx], tok.pad_token_id), device)
+        loss = sft_loss(wrapped, right_pad_batch([ex[i] for i in my_share(idx)], tok.pad_token_id), device)
         check_finite(loss, "SFT loss", step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         run.append(float(loss.detach()))
@@ -888,9 +968,15 @@ def last_token_index(attention_mask):
 
 def token_scores(model, input_ids, attention_mask):
     """The scalar head applied at every position: per-token values for the PPO critic."""
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.score(hidden).squeeze(-1)
+    # the model's own output keeps the last position only, so catch the head's full output during an ordinary
+    # forward: the call still goes through an accelerate (DDP) wrapper, which syncs gradients only that way
+    seen = []
+    hook = unwrap(model).score.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        hook.remove()
+    return seen[-1].squeeze(-1)
 
 
 def at_last_token(per_token, attention_mask):
@@ -958,11 +1044,13 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
     log_every = max(1, len(plan) // n_logs)
     curve_rows = eval_rows[:200]
     opt, sched = make_optimizer(model, cfg.rm_lr, len(plan))
+    acc = accelerator()
+    wrapped, opt = acc.prepare(model, opt)      # same weights; a DDP wrapper only under `accelerate launch`
     history, run = [], []
     bar = progress(plan, desc="reward model")
     for step, idx in enumerate(bar, 1):
         model.train()
-        part = [train_rows[i] for i in idx]
+        part = [train_rows[i] for i in my_share(idx)]
         # chosen and rejected in one forward pass: same padding, same batch statistics
         ids_c, m_c = rm_batch(tok, part, cfg, "chosen")
         ids_r, m_r = rm_batch(tok, part, cfg, "rejected")
@@ -970,7 +1058,7 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
         pad = lambda t, v: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)
         ids = torch.cat([pad(ids_c, tok.pad_token_id), pad(ids_r, tok.pad_token_id)]).to(device)
         mask = torch.cat([pad(m_c, 0), pad(m_r, 0)]).to(device)
-        per_token = token_scores(model, ids, mask)
+        per_token = token_scores(wrapped, ids, mask)
         s = at_last_token(per_token, mask)
         rc, rr = s[:len(part)], s[len(part):]
         loss = pairwise_loss(rc, rr)
@@ -983,8 +1071,8 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
             loss = loss + cfg.rm_prefix_weight * masked_mean(pre, after)
         check_finite(loss, "reward loss", step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         run.append((float(loss.detach()), float((rc > rr).float().mean())))
@@ -1273,6 +1361,193 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
     return history
 
 
+# ============================================================================ DPO / GRPO
+
+
+def answer_logprobs(model, ids, mask, labels):
+    """log pi(answer | prompt) of each row: the sum of the log-probs of its labelled (answer) tokens."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]    # position t predicts token t+1
+    target = labels[:, 1:]
+    return (logprobs_from_logits(logits, target.clamp(min=0)) * (target != -100)).sum(1)
+
+
+def pair_batch(tok, rows, cfg: Config):
+    """One right-padded SFT-style batch: the chosen answers of `rows`, then their rejected answers."""
+    ex = [sft_example(tok, r["prompt"], r[k], cfg.max_prompt_tokens, cfg.max_response_tokens)
+          for k in ("chosen", "rejected") for r in rows]
+    return right_pad_batch(ex, tok.pad_token_id)
+
+
+def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid"):
+    """DPO loss and the implicit rewards beta * log(pi / pi_ref) of chosen and rejected answers."""
+    import torch.nn.functional as F
+    h = (logp_c - ref_c) - (logp_r - ref_r)       # how much more the policy prefers chosen than the reference does
+    if loss_type == "sigmoid":                     # DPO: Bradley-Terry on the implicit rewards
+        loss = -F.logsigmoid(beta * h)
+    elif loss_type == "ipo":                       # IPO: regress h to 1/(2 beta) instead of pushing it to infinity
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown dpo_loss {loss_type!r}: use 'sigmoid' or 'ipo'")
+    return loss.mean(), beta * (logp_c - ref_c).detach(), beta * (logp_r - ref_r).detach()
+
+
+def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int = 64) -> dict:
+    """Implicit-reward accuracy and margin on held-out pairs, no gradient."""
+    import torch
+    acc, margin = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            part = rows[i:i + batch_size]
+            ids, mask, labels = (t.to(device) for t in pair_batch(tok, part, cfg))
+            lp = answer_logprobs(model, ids, mask, labels)
+            with reference_model(model, ref) as r:
+                rlp = answer_logprobs(r, ids, mask, labels)
+            k = len(part)
+            _, rc, rr = dpo_loss(lp[:k], lp[k:], rlp[:k], rlp[k:], cfg.dpo_beta, cfg.dpo_loss)
+            acc += (rc > rr).tolist()
+            margin += (rc - rr).tolist()
+    return {"eval_reward_acc": sum(acc) / len(acc), "eval_margin": sum(margin) / len(margin)}
+
+
+def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 20) -> list[dict]:
+    """Direct preference optimisation on (prompt, chosen, rejected) against a frozen reference (ref=None: the
+    model's own weights with LoRA adapters off); returns the history (held-out stats on up to 200 pairs)."""
+    import torch
+    plan = batches(len(train_rows), cfg.dpo_batch_size, cfg.dpo_epochs, cfg.seed)
+    log_every = max(1, len(plan) // n_logs)
+    opt, sched = make_optimizer(model, cfg.dpo_lr, len(plan))
+    acc = accelerator()
+    wrapped, opt = acc.prepare(model, opt)      # same weights; a DDP wrapper only under `accelerate launch`
+    history, run = [], []
+    bar = progress(plan, desc="DPO")
+    for step, idx in enumerate(bar, 1):
+        model.train()
+        part = [train_rows[i] for i in my_share(idx)]
+        ids, mask, labels = (t.to(device) for t in pair_batch(tok, part, cfg))
+        with reference_model(model, ref) as r:
+            ref_lp = answer_logprobs(r, ids, mask, labels)
+        lp = answer_logprobs(wrapped, ids, mask, labels)
+        k = len(part)
+        loss, rc, rr = dpo_loss(lp[:k], lp[k:], ref_lp[:k], ref_lp[k:], cfg.dpo_beta, cfg.dpo_loss)
+        if cfg.dpo_sft_weight > 0:
+            # DPO alone may lower the chosen answer's probability too (only the gap counts); an SFT term on
+            # the chosen answer holds it up (per-token mean, as in SFT)
+            n_tokens = (labels[:k, 1:] != -100).sum(1).clamp(min=1)
+            loss = loss + cfg.dpo_sft_weight * (-lp[:k] / n_tokens).mean()
+        check_finite(loss, "DPO loss", step)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        run.append([float(loss.detach()), float((rc > rr).float().mean()), float((rc - rr).mean()),
+                    float(rc.mean()), float(rr.mean())])
+        if step % log_every == 0 or step == len(plan):
+            mean = [sum(col) / len(run) for col in zip(*run)]
+            rec = {"step": step, "epoch": step * cfg.dpo_batch_size / len(train_rows), "train_loss": mean[0],
+                   "train_reward_acc": mean[1], "train_margin": mean[2], "chosen_reward": mean[3],
+                   "rejected_reward": mean[4], **dpo_pair_stats(model, ref, tok, eval_rows[:200], cfg, device)}
+            history.append(rec)
+            run = []
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['eval_reward_acc']:.3f}", refresh=False)
+    model.eval()
+    return history
+
+
+def exec_rewards(rows, texts) -> list[float]:
+    """Verifiable reward: 1 when the answer's result in sqlite equals the gold query's result, else 0."""
+    return [float(execution_match(r["setup_sql"], r["chosen"], t)) for r, t in zip(rows, texts)]
+
+
+def format_rewards(rows, texts, has_eos) -> list[float]:
+    """Format reward: 1 for a single SELECT statement that sqlite runs without error and that ends with EOS."""
+    out = []
+    for r, t, eos in zip(rows, texts, has_eos):
+        ok = bool(eos) and t.strip().upper().startswith("SELECT") and ";" not in t
+        out.append(float(ok and execute_sql(r["setup_sql"], t) is not None))
+    return out
+
+
+def group_advantages(rewards, group_size: int, eps: float = 1e-4):
+    """GRPO's advantage: each answer's reward minus its group's mean, over the group's std (a group = the
+    answers to one prompt); a group whose answers all score the same gives 0, i.e. no signal."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config) -> dict:
+    """One GRPO iteration: sample a group per prompt, reward, group-relative advantages, clipped updates with
+    a k3 KL penalty to the reference inside the loss; returns its log record."""
+    import torch
+    t0 = time.time()
+    group = [r for r in rows for _ in range(cfg.grpo_group_size)]      # each prompt repeated G times, adjacent
+    qr, prompt_mask, lq = generate(actor, tok, [r["prompt"] for r in group], cfg)
+    responses = qr[:, lq:]
+    mask = response_mask(responses, tok.eos_token_id).float()
+    _, has_eos = first_eos_index(responses, tok.eos_token_id)
+    attn = torch.cat([prompt_mask, mask.long()], 1)
+    texts = decode_responses(tok, responses)
+    acc = exec_rewards(group, texts)
+    fmt = format_rewards(group, texts, has_eos.tolist())
+    rewards = torch.tensor(acc) + cfg.grpo_format_weight * torch.tensor(fmt)
+    with torch.no_grad():
+        old_logprobs, _ = response_logprobs(actor, qr, attn, lq, cfg.temperature)
+        with reference_model(actor, ref) as r:
+            ref_logprobs, _ = response_logprobs(r, qr, attn, lq, cfg.temperature)
+        if rm is not None and cfg.grpo_rm_weight > 0:
+            rewards = rewards + cfg.grpo_rm_weight * reward_scores(rm, qr, attn).cpu()
+    adv = group_advantages(rewards, cfg.grpo_group_size).to(qr.device)
+    t1 = time.time()
+    stats = {k: [] for k in ("loss", "kl", "clipfrac")}
+    actor.train()
+    for epoch in range(cfg.grpo_epochs):
+        perm = torch.randperm(len(group))
+        for start in range(0, len(group), cfg.grpo_minibatch_size):
+            mb = perm[start:start + cfg.grpo_minibatch_size]
+            m = mask[mb]
+            logprobs, _ = response_logprobs(actor, qr[mb], attn[mb], lq, cfg.temperature)
+            ratio = torch.exp((logprobs - old_logprobs[mb]) * m)
+            a = adv[mb, None]                                 # one advantage for every token of an answer
+            pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange) * a)
+            kl = kl_per_token(logprobs, ref_logprobs[mb], "k3")   # k3 >= 0: a penalty in the loss, not the reward
+            per_token = pg + cfg.grpo_kl_coef * kl
+            loss = (masked_mean(per_token, m, dim=1)).mean()  # mean over each answer's tokens, then over answers
+            check_finite(loss, "GRPO loss", epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
+            opt.step()
+            stats["loss"].append(float(loss.detach()))
+            stats["kl"].append(float(masked_mean(kl.detach(), m, dim=1).mean()))
+            stats["clipfrac"].append(float(masked_mean(((ratio.detach() - 1).abs() > cfg.cliprange).float(), m)))
+    actor.eval()
+    zero_std = float((rewards.view(-1, cfg.grpo_group_size).std(1) == 0).float().mean())
+    return {"reward": float(rewards.mean()), "gold_acc": sum(acc) / len(acc), "format_rate": sum(fmt) / len(fmt),
+            "groups_without_signal": zero_std, "length": float(mask.sum(1).mean()),
+            "eos_rate": float(has_eos.float().mean()), **{k: sum(v) / len(v) for k, v in stats.items()},
+            "time_generate_score": t1 - t0, "time_train": time.time() - t1, "sample": texts[0]}
+
+
+def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
+    """The GRPO loop from the SFT actor; returns (trained actor, history). Saving is the notebook's job."""
+    import torch
+    tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
+    rows = rows if rows is not None else load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
+    actor = add_lora(load_causal_lm(cfg.path("actor"), device=device), cfg)
+    ref = None if cfg.lora_r > 0 else load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False)
+    rm = load_score_model(_require(cfg.path("critic"), "2_critic.ipynb"), device=device) if cfg.grpo_rm_weight > 0 else None
+    opt, _ = make_optimizer(actor, cfg.grpo_lr, 1, warmup=0)
+    history = []
+    bar = progress(range(cfg.grpo_iterations), desc="GRPO")
+    for it in bar:
+        set_seed(cfg.seed * 100_003 + it)
+        batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.grpo_prompts].tolist()]
+        rec = {"iteration": it + 1, **grpo_iteration(actor, ref, rm, opt, tok, batch, cfg)}
+        history.append(rec)
+        bar.set_postfix(reward=f"{rec['reward']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.3f}", refresh=False)
+    return actor, history
+
+
 # ============================================================================ evaluation
 
 
@@ -1357,14 +1632,84 @@ def plot_history(history: list[dict], x: str, panels: list[list[str]], title: st
 
 # ============================================================================ CLI
 
+STAGES = {"sft": "actor", "rm": "critic", "ppo": "rlhf", "dpo": "dpo", "grpo": "grpo"}
+
+
+def load_config(path_or_dict=None, preset: str | None = None) -> Config:
+    """A Config from a dict or a JSON file of Config fields (its "preset" key picks the preset); unknown keys
+    are an error that names them."""
+    fields = dict(path_or_dict) if isinstance(path_or_dict, dict) else {}
+    if isinstance(path_or_dict, (str, Path)):
+        try:
+            fields = json.loads(Path(path_or_dict).read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path_or_dict}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{path_or_dict}: unknown config field(s) {unknown}; known fields: {sorted(known)}")
+    return get_config(preset or fields.pop("preset", None), **{k: v for k, v in fields.items() if k != "preset"})
+
+
+def run_stage(stage: str, cfg: Config) -> dict:
+    """One stage without its notebook (train and save, no plots); returns the metrics it saved."""
+    device = accelerator().device
+    set_seed(cfg.seed)
+    train = load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
+    evalset = load_rows(Path(cfg.data_dir, "eval.json"), limit=cfg.n_eval)
+    t0 = time.time()
+    if stage == "ppo":
+        history = train_ppo(cfg, device, train)
+        return {"seconds": time.time() - t0, **{k: v for k, v in history[-1].items() if k != "sample"}}
+    if stage == "sft":
+        if not (cfg.path("base_actor") / "config.json").exists() and accelerator().is_main_process:
+            prepare_base_models(cfg)
+        accelerator().wait_for_everyone()
+        tok = load_tokenizer(cfg.path("base_actor"))
+        model = load_causal_lm(cfg.path("base_actor"), "0_download.ipynb", device)
+        history = train_sft(model, tok, train, evalset, cfg, device)
+    elif stage == "rm":
+        tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
+        model = load_score_model(cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor"), "1_actor.ipynb", device)
+        history = train_reward(model, tok, train, evalset, cfg, device)
+        prompts = [r["prompt"] for r in train[:256]]
+        answers = sample_answers(load_causal_lm(cfg.path("actor"), device=device), tok, prompts, cfg)
+        history[-1]["reward_offset"] = set_reward_offset(model, tok, prompts, answers, cfg, device)
+    elif stage == "dpo":
+        tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
+        model = add_lora(load_causal_lm(cfg.path("actor"), device=device), cfg)
+        ref = None if cfg.lora_r else load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False)
+        history = train_dpo(model, ref, tok, train, evalset, cfg, device)
+    elif stage == "grpo":
+        tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
+        model, history = train_grpo(cfg, device, train)
+    else:
+        raise ValueError(f"unknown stage {stage!r}: choose one of {sorted(STAGES)}")
+    metrics = {"preset": cfg.preset, "seconds": time.time() - t0, "history": history}
+    if accelerator().is_main_process:           # every process holds the same weights: one writes them
+        save_model(unwrap(model), tok, cfg.path(STAGES[stage]), metrics)
+    accelerator().wait_for_everyone()
+    return {"seconds": metrics["seconds"], **{k: v for k, v in history[-1].items() if k != "sample"}}
+
 
 def main(argv=None) -> int:
-    """`python util.py make-dataset | make-tokenizer | stats`."""
+    """`python util.py make-dataset | make-tokenizer | stats`, or a stage without its notebook:
+    `python util.py sft|rm|ppo|dpo|grpo [--config file.json] [--preset NAME]` (also under `accelerate launch`)."""
     import argparse
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("command", choices=["make-dataset", "make-tokenizer", "stats"])
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("command", choices=["make-dataset", "make-tokenizer", "stats", *STAGES])
+    ap.add_argument("--config", help="JSON file of Config fields (see util.Config), e.g. {\"preset\": \"smoke\", \"lora_r\": 8}")
+    ap.add_argument("--preset", help="preset to start from (overrides the file's); default RLHF_PRESET or auto")
     args = ap.parse_args(argv)
-    if args.command == "make-dataset":
+    if args.command in STAGES:
+        cfg = load_config(args.config, args.preset)
+        summary = run_stage(args.command, cfg)
+        if accelerator().is_main_process:
+            resolved = cfg.path(STAGES[args.command], "run_config.json")
+            write_json(dataclasses.asdict(cfg), resolved)   # the exact settings of this run, beside its outputs
+            print(json.dumps({"stage": args.command, "processes": accelerator().num_processes, "config": str(resolved),
+                              **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}}))
+    elif args.command == "make-dataset":
         print(write_dataset())
     elif args.command == "make-tokenizer":
         tok = train_tokenizer(load_rows(ROOT / "dataset" / "train.json"))

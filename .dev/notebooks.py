@@ -366,9 +366,118 @@ util.write_json(report, cfg.path("report.json"))
 print("wrote", cfg.path("report.json"))'''),
 ]
 
+# --------------------------------------------------------------------------------------------------- 5_dpo
+NOTEBOOKS["5_dpo"] = header("5 · DPO: preferences without a reward model", r"""
+PPO needed four models, sampling and a value function. **Direct Preference Optimisation** (Rafailov et al., 2023)
+gets rid of the reward model and the sampling. The KL-regularised RLHF objective
+$\max_\pi \mathbb{E}[r(x,y)] - \beta\,\mathrm{KL}(\pi\,\|\,\pi_{\text{ref}})$ has a closed-form optimum
+$\pi^*(y\mid x) \propto \pi_{\text{ref}}(y\mid x)\,e^{r(x,y)/\beta}$, so any reward can be written through its optimal policy:
+$r(x,y) = \beta \log\frac{\pi^*(y\mid x)}{\pi_{\text{ref}}(y\mid x)} + \text{const}(x)$. Put that into the Bradley–Terry
+loss of the reward model (notebook 2) and the constant cancels:
 
-def main():
+$$\mathcal{L}_{\text{DPO}} = -\log\sigma\Big(\beta\big[\log\tfrac{\pi_\theta(y_c\mid x)}{\pi_{\text{ref}}(y_c\mid x)} - \log\tfrac{\pi_\theta(y_r\mid x)}{\pi_{\text{ref}}(y_r\mid x)}\big]\Big)$$
+
+The policy *is* the reward model: $\hat r(x,y) = \beta\log\frac{\pi_\theta(y\mid x)}{\pi_{\text{ref}}(y\mid x)}$ is its **implicit
+reward**. We train on the same preference pairs as the RM, from the SFT actor, with the frozen SFT model as
+$\pi_{\text{ref}}$; $\log\pi(y\mid x)$ is the sum of the answer tokens' log-probs (prompt and pads masked, as in SFT).
+
+* `dpo_loss="ipo"` switches to IPO (Azar et al., 2023): $(h - \tfrac{1}{2\beta})^2$ with $h$ the bracket above — it stops
+  pushing the margin once it reaches $1/(2\beta)$ instead of forever.
+* With `lora_r > 0` the actor gets LoRA adapters, and $\pi_{\text{ref}}$ is the same model with the adapters switched off:
+  one copy of the weights instead of two.
+
+What DPO cannot do: it only ever sees the answers in the dataset, never its own samples (it is *offline*).""") + [
+    code('''tok = util.load_tokenizer(cfg.path("actor"))
+train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
+evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
+actor = util.add_lora(util.load_causal_lm(cfg.path("actor"), device=device), cfg)
+ref = None if cfg.lora_r else util.load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False)
+print(f"{len(train)} preference pairs; beta={cfg.dpo_beta}, loss={cfg.dpo_loss}, LoRA rank={cfg.lora_r}")'''),
+    code('''t0 = time.time()
+history = util.train_dpo(actor, ref, tok, train, evalset, cfg, device)
+dpo_seconds = time.time() - t0
+print(f"DPO wall time: {dpo_seconds:.0f} s")
+util.plot_history(history, "step", [["train_loss"], ["train_reward_acc", "eval_reward_acc"],
+                                    ["chosen_reward", "rejected_reward", "train_margin"]], "DPO");'''),
+    md("""
+**Reading the curves.** The implicit-reward accuracy is DPO's version of the RM's pairwise accuracy. Watch the
+chosen reward: it often *falls* too — DPO only needs the rejected answer's log-prob to fall faster, so both can
+go down together. That is a known weakness: probability mass leaves the chosen answer for answers in
+neither column."""),
+    md("## The gold metric: execution accuracy on held-out prompts, next to SFT"),
+    code('''import json
+util.set_seed(cfg.seed)
+rm = util.load_score_model(cfg.path("critic"), device=device)
+sft_model = ref if ref is not None else util.load_causal_lm(cfg.path("actor"), device=device)
+summary, rows = util.evaluate_policy(actor, tok, evalset, cfg, rm=rm, ref=sft_model, desc="DPO")
+sft = json.loads((cfg.path("actor") / "metrics.json").read_text())
+keys = ["exec_acc_greedy", "exec_acc_sampled", "rm_score", "kl_to_sft", "eos_rate"]
+pd.DataFrame({"SFT": {k: sft.get(k) for k in keys}, "DPO": {k: summary[k] for k in keys}}).T'''),
+    code('''pd.DataFrame({"SFT": {f: v["sampled_ok"] for f, v in sft["per_family"].items()},
+              "DPO": {f: v["sampled_ok"] for f, v in util.per_family_accuracy(rows).items()}})'''),
+    code('''pd.DataFrame(rows)[["family", "gold", "greedy", "sampled", "sampled_ok"]].head(10)'''),
+    code('''metrics = {"preset": cfg.preset, "dpo_seconds": dpo_seconds, "beta": cfg.dpo_beta, "loss": cfg.dpo_loss,
+           "lora_r": cfg.lora_r, "history": history, **summary, "per_family": util.per_family_accuracy(rows)}
+print("saved", util.save_model(actor, tok, cfg.path("dpo"), metrics))'''),
+]
+
+# --------------------------------------------------------------------------------------------------- 6_grpo
+NOTEBOOKS["6_grpo"] = header("6 · GRPO: group-relative rewards, no critic", r"""
+**Group Relative Policy Optimisation** (Shao et al., 2024, DeepSeekMath) keeps PPO's clipped update but drops
+the critic. For each prompt it samples a **group** of $G$ answers, scores them, and uses how each answer did
+*relative to its own group* as the advantage of every one of its tokens:
+
+$$\hat A_i = \frac{r_i - \operatorname{mean}(r_1..r_G)}{\operatorname{std}(r_1..r_G)}$$
+
+The group mean plays the role of the value function's baseline. A group where every answer gets the same reward
+carries no signal ($\hat A = 0$): too easy or too hard prompts teach nothing.
+
+$$\mathcal{L} = -\frac1G\sum_i \frac1{|y_i|}\sum_t \Big[\min\big(\rho_{i,t}\hat A_i,\ \mathrm{clip}(\rho_{i,t},1\pm\epsilon)\hat A_i\big) - \beta\,\mathrm{KL}^{k3}_{i,t}\Big]$$
+
+The KL to the SFT reference is a term in the **loss** (with the k3 estimator, always ≥ 0), not in the reward as in PPO.
+
+**Rewards.** Our task is verifiable, so GRPO can use rewards that need no learned model:
+* **execution accuracy**: 1 when the answer's result in sqlite equals the gold query's result, else 0;
+* **format**: +`grpo_format_weight` for a single `SELECT` statement that runs and ends with EOS;
+* optionally the **reward model** (`grpo_rm_weight > 0`), as in PPO.
+
+Note what this changes: with the execution reward, training optimises the gold metric itself (on *training*
+prompts); the evaluation below stays on held-out prompts. There is no proxy to over-optimise, which is why
+verifiable rewards are popular — where they exist.""") + [
+    code('''print(f"{cfg.grpo_iterations} iterations x {cfg.grpo_prompts} prompts x {cfg.grpo_group_size} answers; "
+      f"KL coef {cfg.grpo_kl_coef}, format weight {cfg.grpo_format_weight}, RM weight {cfg.grpo_rm_weight}, LoRA rank {cfg.lora_r}")
+t0 = time.time()
+actor, history = util.train_grpo(cfg, device)
+grpo_seconds = time.time() - t0
+print(f"GRPO wall time: {grpo_seconds:.0f} s")'''),
+    code('''util.plot_history(history, "iteration", [["reward"], ["gold_acc", "format_rate"], ["kl"], ["groups_without_signal", "clipfrac"]],
+                  "GRPO: reward on the training prompts and what it costs");'''),
+    code('''cols = ["iteration", "reward", "gold_acc", "format_rate", "groups_without_signal", "kl", "clipfrac", "length", "sample"]
+pd.DataFrame(history)[cols].iloc[::max(1, len(history) // 10)].round(3)'''),
+    md("## The gold metric on held-out prompts, next to SFT"),
+    code('''import json
+tok = util.load_tokenizer(cfg.path("actor"))
+evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
+util.set_seed(cfg.seed)
+rm = util.load_score_model(cfg.path("critic"), device=device)
+sft_model = util.load_causal_lm(cfg.path("actor"), device=device)
+summary, rows = util.evaluate_policy(actor, tok, evalset, cfg, rm=rm, ref=sft_model, desc="GRPO")
+sft = json.loads((cfg.path("actor") / "metrics.json").read_text())
+keys = ["exec_acc_greedy", "exec_acc_sampled", "rm_score", "kl_to_sft", "eos_rate"]
+pd.DataFrame({"SFT": {k: sft.get(k) for k in keys}, "GRPO": {k: summary[k] for k in keys}}).T'''),
+    code('''pd.DataFrame({"SFT": {f: v["sampled_ok"] for f, v in sft["per_family"].items()},
+              "GRPO": {f: v["sampled_ok"] for f, v in util.per_family_accuracy(rows).items()}})'''),
+    code('''metrics = {"preset": cfg.preset, "grpo_seconds": grpo_seconds, "lora_r": cfg.lora_r, "history": history,
+           **summary, "per_family": util.per_family_accuracy(rows)}
+print("saved", util.save_model(actor, tok, cfg.path("grpo"), metrics))'''),
+]
+
+
+def main(names=()):
+    """Writes every notebook, or only those named on the command line."""
     for name, cells in NOTEBOOKS.items():
+        if names and name not in names:
+            continue
         nb = nbf.v4.new_notebook()
         nb.cells = cells
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -378,4 +487,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    main(sys.argv[1:])

@@ -1,0 +1,97 @@
+"""DPO, GRPO and LoRA: the losses and advantages against hand-computed and brute-force references."""
+import copy
+import math
+import statistics
+
+import pytest
+import torch
+
+import util
+
+
+# ---------------------------------------------------------------- DPO
+
+def test_answer_logprobs_match_a_token_loop(tok, micro_dirs, rows):
+    model = util.load_causal_lm(micro_dirs.path("actor"))
+    ids, mask, labels = util.pair_batch(tok, rows[:2], micro_dirs)     # chosen 0, chosen 1, rejected 0, rejected 1
+    got = util.answer_logprobs(model, ids, mask, labels)
+    for b, (r, key) in enumerate([(rows[0], "chosen"), (rows[1], "chosen"), (rows[0], "rejected"), (rows[1], "rejected")]):
+        p = util.encode_prompt(tok, r["prompt"])
+        a = util.encode_response(tok, r[key])
+        logits = model(input_ids=torch.tensor([p + a])).logits[0]      # unpadded, one sequence at a time
+        ref = sum(torch.log_softmax(logits[len(p) + t - 1], -1)[a[t]].item() for t in range(len(a)))
+        assert got[b].item() == pytest.approx(ref, abs=1e-3)
+
+
+def test_dpo_and_ipo_losses_by_hand():
+    lc, lr, rc, rr = (torch.tensor([x]) for x in (-1.0, -2.0, -1.5, -1.5))   # h = 0.5 - (-0.5) = 1
+    loss, reward_c, reward_r = util.dpo_loss(lc, lr, rc, rr, beta=0.5, loss_type="sigmoid")
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))))
+    assert reward_c.item() == pytest.approx(0.25) and reward_r.item() == pytest.approx(-0.25)
+    ipo, _, _ = util.dpo_loss(lc, lr, rc, rr, beta=0.25, loss_type="ipo")    # (1 - 1/(2*0.25))^2 = 1
+    assert ipo.item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="dpo_loss"):
+        util.dpo_loss(lc, lr, rc, rr, 0.1, "hinge2")
+
+
+def test_dpo_starts_at_log2_and_learns(tok, micro_dirs, rows):
+    cfg = util.get_config("smoke", out_dir=micro_dirs.out_dir, dpo_epochs=6, dpo_batch_size=8, dpo_lr=3e-3)
+    actor = util.load_causal_lm(cfg.path("actor"))
+    ref = util.load_causal_lm(cfg.path("actor"))
+    before = util.dpo_pair_stats(actor, ref, tok, rows[:8], cfg, "cpu")
+    assert before["eval_margin"] == pytest.approx(0.0, abs=1e-6)          # policy == reference: no implicit reward yet
+    history = util.train_dpo(actor, ref, tok, rows[:8], rows[:8], cfg, "cpu", n_logs=6)
+    assert history[0]["train_loss"] == pytest.approx(math.log(2), abs=0.02)
+    assert history[-1]["eval_margin"] > 0.05 and history[-1]["eval_reward_acc"] >= 0.75
+
+
+# ---------------------------------------------------------------- GRPO
+
+def test_group_advantages_against_statistics():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.2, 0.2, 0.2, 0.2, 0.2])
+    got = util.group_advantages(rewards, group_size=4).tolist()
+    for g in range(2):
+        grp = rewards[4 * g:4 * g + 4].tolist()
+        mean, std = statistics.mean(grp), statistics.stdev(grp)
+        for i, r in enumerate(grp):
+            assert got[4 * g + i] == pytest.approx((r - mean) / (std + 1e-4), abs=1e-5)
+    assert got[4:] == [0.0] * 4                                          # a group that all scores the same: no signal
+
+
+def test_exec_and_format_rewards(rows):
+    r = rows[0]
+    texts = [r["chosen"], r["rejected"], " SELECT nonsense FROM nowhere", r["chosen"], " DROP TABLE x"]
+    assert util.exec_rewards([r] * 5, texts)[:2] == [1.0, 0.0]
+    assert util.format_rewards([r] * 5, texts, [True, True, True, False, True]) == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_grpo_runs_and_first_update_starts_from_ratio_one(micro_dirs):
+    cfg = util.get_config("smoke", out_dir=micro_dirs.out_dir, grpo_iterations=2, grpo_epochs=1, grpo_minibatch_size=16)
+    actor, history = util.train_grpo(cfg, "cpu")
+    assert len(history) == 2 and {"reward", "gold_acc", "kl", "groups_without_signal"} <= set(history[0])
+    assert history[0]["clipfrac"] == 0.0 and history[0]["kl"] == pytest.approx(0.0, abs=1e-6)   # one minibatch: ratio 1, policy = ref
+
+
+# ---------------------------------------------------------------- LoRA
+
+def test_lora_reference_is_the_base_and_saves_merged(tok, micro_dirs, rows, tmp_path):
+    cfg = util.get_config("smoke", out_dir=micro_dirs.out_dir, lora_r=4, dpo_lr=1e-2, dpo_batch_size=8, dpo_epochs=2)
+    base = util.load_causal_lm(cfg.path("actor"))
+    actor = util.add_lora(copy.deepcopy(base), cfg)
+    trainable = sum(p.numel() for p in actor.parameters() if p.requires_grad)
+    assert 0 < trainable < sum(p.numel() for p in base.parameters()) / 2
+    util.train_dpo(actor, None, tok, rows[:8], rows[:8], cfg, "cpu", n_logs=1)
+    ids, mask, _ = util.pair_batch(tok, rows[:2], cfg)
+    with torch.no_grad():
+        with util.reference_model(actor, None) as ref:
+            ref_logits = ref(input_ids=ids, attention_mask=mask).logits
+        lora_logits = actor(input_ids=ids, attention_mask=mask).logits
+        base_logits = base(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(ref_logits, base_logits, atol=1e-5)           # adapters off = the untouched SFT weights
+    assert not torch.allclose(lora_logits, base_logits, atol=1e-3)      # adapters on = the trained policy
+    util.save_model(actor, tok, tmp_path / "dpo")
+    loaded = util.load_causal_lm(tmp_path / "dpo")                     # plain from_pretrained, no peft needed
+    assert type(loaded).__name__ == "OPTForCausalLM"
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits, lora_logits, atol=1e-4)
+    assert hasattr(actor, "disable_adapter")                            # saving merged a copy, not the live model
