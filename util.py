@@ -73,9 +73,9 @@ class Config:
     whiten_rewards: bool = False
     save_every: int = 20
     # DPO: offline, on the preference pairs, against the frozen SFT model
-    dpo_epochs: float = 2.0
+    dpo_epochs: float = 1.0
     dpo_batch_size: int = 32
-    dpo_lr: float = 2e-4
+    dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"                   # "sigmoid" (DPO) or "ipo"
     dpo_sft_weight: float = 0.0                 # > 0 adds the SFT loss on the chosen answers (RPO)
@@ -1176,7 +1176,8 @@ def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None
     attn = torch.cat([prompt_mask, mask], 1)
     with torch.no_grad():
         logprobs, _ = response_logprobs(actor, qr, attn, lq, cfg.temperature)
-        ref_logprobs, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
+        with reference_model(actor, ref) as r:
+            ref_logprobs, _ = response_logprobs(r, qr, attn, lq, cfg.temperature)
         values = token_scores(critic, qr, attn)[:, lq - 1:-1]      # value before token t sits at position t-1
         scores = reward_scores(rm, qr, attn)                       # read at the EOS token (attention mask ends there)
     scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)  # an answer that never stops is penalised
@@ -1291,8 +1292,9 @@ def save_ppo_checkpoint(path, models, opts, tok, state: dict) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    models["actor"].save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    save_model(models["actor"], tok, tmp)      # merged weights when LoRA: what 4_test loads
+    if hasattr(models["actor"], "disable_adapter"):
+        models["actor"].save_pretrained(tmp / "adapter")     # LoRA: the adapters alone, to resume training
     models["critic"].save_pretrained(tmp / "critic", safe_serialization=True)
     ta, ma = optimizer_to_tensors(opts["actor"], "actor")
     tc, mc = optimizer_to_tensors(opts["critic"], "critic")
@@ -1318,6 +1320,9 @@ def load_ppo_state(path, cfg: Config) -> dict | None:
     if state.get("preset") != cfg.preset or state.get("inputs") != inputs_fingerprint(cfg):
         print(f"{path} holds a PPO run of other models (SFT or RM retrained since): starting PPO afresh")
         return None
+    if state.get("lora_r", 0) != cfg.lora_r:
+        print(f"{path} holds a PPO run with LoRA rank {state.get('lora_r', 0)}, not {cfg.lora_r}: starting PPO afresh")
+        return None
     return state
 
 
@@ -1330,9 +1335,14 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
     _require(cfg.path("critic"), "2_critic.ipynb")
     rows = rows if rows is not None else load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
     state = load_ppo_state(out, cfg)
-    src = out if state else cfg.path("actor")
-    models = {"actor": load_causal_lm(src, device=device),
-              "ref": load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False),
+    if cfg.lora_r > 0:                          # LoRA: SFT weights + adapters (the checkpoint's when resuming)
+        from peft import PeftModel
+        sft = load_causal_lm(cfg.path("actor"), device=device)
+        actor = PeftModel.from_pretrained(sft, out / "adapter", is_trainable=True) if state else add_lora(sft, cfg)
+    else:
+        actor = load_causal_lm(out if state else cfg.path("actor"), device=device)
+    models = {"actor": actor,
+              "ref": None if cfg.lora_r > 0 else load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False),
               "critic": load_score_model(out / "critic" if state else cfg.path("critic"), device=device),
               "rm": load_score_model(cfg.path("critic"), device=device).requires_grad_(False)}
     check_tokenizer_matches(tok, models["actor"])
@@ -1356,7 +1366,7 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
             kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size)
         bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.2f}", refresh=False)
         if (it + 1) % cfg.save_every == 0 or it + 1 == end:
-            save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "inputs": inputs_fingerprint(cfg),
+            save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "inputs": inputs_fingerprint(cfg), "lora_r": cfg.lora_r,
                                                          "iteration": it + 1, "kl_coef": kl_coef, "history": history})
     return history
 

@@ -400,10 +400,17 @@ print(f"DPO wall time: {dpo_seconds:.0f} s")
 util.plot_history(history, "step", [["train_loss"], ["train_reward_acc", "eval_reward_acc"],
                                     ["chosen_reward", "rejected_reward", "train_margin"]], "DPO");'''),
     md("""
-**Reading the curves.** The implicit-reward accuracy is DPO's version of the RM's pairwise accuracy. Watch the
-chosen reward: it often *falls* too — DPO only needs the rejected answer's log-prob to fall faster, so both can
-go down together. That is a known weakness: probability mass leaves the chosen answer for answers in
-neither column."""),
+**Reading the curves.** The implicit-reward accuracy is DPO's version of the RM's pairwise accuracy — compare it
+with the reward model of notebook 2 on the same held-out pairs: the policy's log-prob ratio, summed token by
+token, finds the one wrong token more easily than a scalar read at the EOS. Watch the chosen reward: it often
+*falls* too — DPO only needs the rejected answer's log-prob to fall faster, so both can go down together, and
+probability mass leaves the chosen answer for answers in neither column.
+
+**More is not better.** The loss keeps falling long after the answers stop improving. In a run on this data with
+two epochs at twice the learning rate, the implicit-reward accuracy reached 0.99 but sampled execution accuracy
+fell *below* SFT (0.715), the `ORDER BY` family collapsing to 0.05: the policy had drifted to answers the pairs
+never covered. Nothing in offline DPO looks at the policy's own samples to notice. Remedies: fewer steps, a larger
+$\beta$, or `dpo_sft_weight > 0`, an SFT term on the chosen answers (RPO) that holds their probability up."""),
     md("## The gold metric: execution accuracy on held-out prompts, next to SFT"),
     code('''import json
 util.set_seed(cfg.seed)

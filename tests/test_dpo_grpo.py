@@ -95,3 +95,18 @@ def test_lora_reference_is_the_base_and_saves_merged(tok, micro_dirs, rows, tmp_
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits, lora_logits, atol=1e-4)
     assert hasattr(actor, "disable_adapter")                            # saving merged a copy, not the live model
+
+
+def test_ppo_with_lora_holds_one_base_copy_and_resumes(micro_dirs, tmp_path):
+    import shutil
+    out = tmp_path / "m"
+    shutil.copytree(micro_dirs.path("actor"), out / "actor")
+    shutil.copytree(micro_dirs.path("critic"), out / "critic")
+    cfg = util.get_config("smoke", out_dir=str(out), lora_r=4, ppo_iterations=2, save_every=1)
+    first = util.train_ppo(cfg, "cpu", stop_after=1)
+    assert (out / "rlhf" / "adapter" / "adapter_config.json").exists()
+    assert type(util.load_causal_lm(out / "rlhf")).__name__ == "OPTForCausalLM"   # merged: 4_test loads it plainly
+    resumed = util.train_ppo(cfg, "cpu")
+    assert [h["iteration"] for h in resumed] == [1, 2] and resumed[0] == first[0]
+    assert resumed[1]["ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-5)
+    assert util.load_ppo_state(out / "rlhf", util.get_config("smoke", out_dir=str(out))) is None   # full FT: afresh
