@@ -598,6 +598,27 @@ def evaluate_targets(res: dict) -> dict:
     return t
 
 
+# What could not be made identical (listed next to the table in results.md and the README).
+NOT_IDENTICAL = [
+    "PPO: TRL's PPOTrainer clips no gradients; ours clips the actor's and the critic's at norm 1.0 each.",
+    "PPO: TRL adds the RM score on the token after the EOS (when there is room), ours on the EOS itself.",
+    "PPO: TRL takes the rollout log-probs from generate's scores; ours recomputes them with a forward pass "
+    "(one more pass per rollout, so the ratio is exactly 1 before the first update).",
+    "PPO: the same prompts (those util.train_ppo draws with its seeds), but TRL's DataLoader(shuffle=True) groups "
+    "them into different batches, and the sampled answers differ (different random streams).",
+    "PPO: TRL whitens advantages with the unbiased variance, ours with the biased one; TRL adds 1e-7 to the "
+    "temperature. One AdamW with two parameter groups on TRL's side (its API), two AdamW on ours: the same update.",
+    "SFT/RM: ours includes its own tokenisation and one held-out check (200 rows) at the end of training; TRL's time "
+    "includes building its dataset from our token ids and the trainer's set-up. TRL computes its per-step "
+    "metrics (entropy, token accuracy / reward stats) as it does by default.",
+    "RM: our default recipe adds a rejected-prefix ranking term (rm_prefix_weight=1); TRL has no such term, so the "
+    "pair runs ours with rm_prefix_weight=0, and our default recipe is shown in an extra row.",
+    "Made identical on purpose (TRL's defaults differ): our AdamW and LR schedule objects are passed to the TRL "
+    "trainers; fp32 (TRL defaults to bf16), no gradient checkpointing (TRL defaults to it), the plain NLL loss "
+    "(SFTTrainer defaults to a chunked one), TRL's sampler set to sequential over our batch order.",
+]
+
+
 def fmt(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
 
@@ -661,6 +682,7 @@ def write_markdown(res: dict, path: Path) -> str:
             x = v[k]
             lines.append(f"| {label[k]} | {x['tokens_per_s']:.0f} | {x['seconds_median']:.3f} | "
                          f"{(base / x['tokens_per_s'] - 1) * 100:+.1f} % |")
+    lines += ["", "Not identical between the two sides:", ""] + [f"* {x}" for x in NOT_IDENTICAL]
     lines += ["", "Targets:", ""]
     for name, t in res["targets"].items():
         figs = ", ".join(f"{k} {v:.3f}" for k, v in t.items() if isinstance(v, float))
