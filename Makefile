@@ -1,4 +1,5 @@
-# tiny-rlhf: `make run` executes the notebooks in order, `make test` runs the test suite.
+# tiny-rlhf: `make run` executes the notebooks in order, `make test` runs the test suite,
+# `make bench` compares with TRL on this machine (its own environment, bench/.venv).
 # Both create .venv when it is missing and install requirements.txt into it.
 PYTHON ?= python3
 VENV   := .venv
@@ -6,7 +7,7 @@ PY     := $(VENV)/bin/python
 # 4_test runs last: it reports every model the others made (SFT, PPO, DPO, GRPO)
 NOTEBOOKS := 0_download 1_actor 2_critic 3_rlhf 5_dpo 6_grpo 4_test
 
-.PHONY: install run test clean-model
+.PHONY: install run test clean-model bench bench-install bench-env-116
 
 $(VENV)/.installed: requirements.txt
 	@echo ">>> creating $(VENV) and installing requirements (first time: a few minutes)"
@@ -33,3 +34,26 @@ test: install
 
 clean-model:
 	rm -rf model/*/ model/report.json
+
+# ---------------------------------------------------------------------------- benchmark against TRL
+# A separate environment: TRL is a benchmark dependency only. `make bench` trains the shared starting points once
+# (cached in bench/out/start), then runs ours and TRL interleaved, 3 rounds, each run in a fresh process, and
+# writes bench/results.{json,md,png} and the README table. BENCH_QUICK=1 runs a smoke version (about 2 minutes).
+BENCH_VENV := bench/.venv
+BENCH_PY   := $(BENCH_VENV)/bin/python
+
+$(BENCH_VENV)/.installed: bench/requirements.txt
+	@echo ">>> creating $(BENCH_VENV) (torch CPU build, trl, transformers) for the benchmark"
+	@test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --disable-pip-version-check --progress-bar off -r bench/requirements.txt
+	@touch $@
+
+bench-install: $(BENCH_VENV)/.installed
+
+bench: bench-install
+	$(BENCH_PY) bench/bench.py $(if $(BENCH_QUICK),--quick)
+
+# trl 1.16 for the DPO / GRPO pairs, once those stages exist (see PAIRS in bench/bench.py)
+bench-env-116: bench/requirements-trl116.txt
+	@test -x bench/.venv116/bin/python || $(PYTHON) -m venv bench/.venv116
+	bench/.venv116/bin/python -m pip install --disable-pip-version-check --progress-bar off -r bench/requirements-trl116.txt

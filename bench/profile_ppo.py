@@ -1,0 +1,264 @@
+"""Where PPO's time goes, ours and TRL's, and what two candidate fixes to util.py would buy (measured here by
+patching util's functions in this process only; util.py itself is not changed).
+
+    bench/.venv/bin/python bench/profile_ppo.py        # after `make bench` (uses its starting points)
+
+Writes bench/profile.md and bench/profile.json:
+  1. phase split of our PPO iteration (generate / score / train) and per-op CPU time (torch.profiler), grouped:
+     matrix multiplies, attention, softmax family, optimizer, the rest; the same for TRL's PPOTrainer.train();
+  2. candidate fix A, util.encode_prompts tokenising the batch in one call: util.generate vs bare generate;
+  3. candidate fix B, util.response_logprobs asking the model for the response positions' logits only
+     (transformers' logits_to_keep): PPO seconds per rollout batch, and the largest log-prob difference.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
+
+import bench  # noqa: E402
+
+START = BENCH / "out" / "start"
+SPEC = bench.SPECS["full"]
+GROUPS = [("matrix multiplies (forward + backward)", ("addmm", "aten::mm", "bmm", "matmul", "linear", "baddbmm")),
+          ("attention kernels", ("attention", "sdpa", "flash")),
+          ("softmax / log-softmax / entropy", ("softmax", "log_softmax", "logsumexp", "_softmax")),
+          ("optimizer (AdamW)", ("adam", "_foreach", "lerp", "addcdiv", "addcmul")),
+          ("embedding / layer norm", ("embedding", "layer_norm", "native_layer_norm")),
+          ]
+
+
+def group_ops(prof) -> dict:
+    """Self CPU time by op group, seconds, and the share of the total."""
+    tot, out = 0.0, {g: 0.0 for g, _ in GROUPS}
+    out["everything else (elementwise, copies, python)"] = 0.0
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total / 1e6
+        tot += t
+        name = e.key.lower()
+        for g, keys in GROUPS:
+            if any(k in name for k in keys):
+                out[g] += t
+                break
+        else:
+            out["everything else (elementwise, copies, python)"] += t
+    return {k: {"s": v, "share": v / tot if tot else 0.0} for k, v in out.items()}
+
+
+def profile_ours(n_iters: int = 2) -> dict:
+    import torch
+    import util
+    from torch.profiler import ProfilerActivity, profile
+    cfg = bench.make_cfg(SPEC, 0, START)
+    train, _ = bench.load_data(cfg)
+    tok = util.load_tokenizer(START / "actor")
+    models = {"actor": util.load_causal_lm(START / "actor"), "ref": util.load_causal_lm(START / "actor"),
+              "critic": util.load_score_model(START / "critic"), "rm": util.load_score_model(START / "critic")}
+    opts = {"actor": util.make_optimizer(models["actor"], cfg.ppo_lr, 1, warmup=0)[0],
+            "critic": util.make_optimizer(models["critic"], cfg.ppo_vf_lr, 1, warmup=0)[0]}
+    rows = bench.ppo_prompt_rows(train, cfg, n_iters + 1)
+    bs = cfg.rollout_batch_size
+    util.ppo_iteration(models, opts, tok, rows[:bs], cfg, cfg.kl_coef)            # warm-up
+    phases = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for i in range(1, n_iters + 1):
+            rec = util.ppo_iteration(models, opts, tok, rows[i * bs:(i + 1) * bs], cfg, cfg.kl_coef)
+            phases.append({k: rec[f"time_{k}"] for k in ("generate", "score", "train")})
+        wall = time.perf_counter() - t0
+    return {"iterations": n_iters, "wall_s_profiled": wall,
+            "phases_s_per_iter": {k: statistics.mean(p[k] for p in phases) for k in phases[0]},
+            "op_groups": group_ops(prof),
+            "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)}
+
+
+def profile_trl(n_batches: int = 2) -> dict:
+    import torch
+    import util
+    from torch.profiler import ProfilerActivity, profile
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    cfg = bench.make_cfg(SPEC, 0, START)
+    train, _ = bench.load_data(cfg)
+    tok = util.load_tokenizer(START / "actor")
+    tok.padding_side = "left"
+    policy, ref = util.load_causal_lm(START / "actor"), util.load_causal_lm(START / "actor").requires_grad_(False)
+    value, rm = util.load_score_model(START / "critic"), util.load_score_model(START / "critic").requires_grad_(False)
+    rm.score = bench.OffsetScore(rm.score, float(getattr(rm.config, "reward_offset", 0.0)))
+    prompts = bench.ppo_prompt_rows(train, cfg, n_batches)
+    ds = Dataset.from_dict({"input_ids": [util.encode_prompt(tok, r["prompt"])[-cfg.max_prompt_tokens:] for r in prompts]})
+    opt = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.ppo_lr},
+                             {"params": list(value.parameters()), "lr": cfg.ppo_vf_lr}], betas=(0.9, 0.95),
+                            weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = PPOConfig(output_dir=tmp, per_device_train_batch_size=cfg.rollout_batch_size,
+                         num_mini_batches=cfg.rollout_batch_size // cfg.ppo_minibatch_size,
+                         num_ppo_epochs=cfg.ppo_epochs, total_episodes=n_batches * cfg.rollout_batch_size,
+                         local_rollout_forward_batch_size=cfg.rollout_batch_size,
+                         response_length=cfg.max_response_tokens, stop_token="eos", temperature=cfg.temperature,
+                         missing_eos_penalty=cfg.missing_eos_penalty, kl_coef=cfg.kl_coef, num_sample_generations=0,
+                         gradient_checkpointing=False, bf16=False, report_to="none", save_strategy="no",
+                         disable_tqdm=True, use_cpu=True)
+        trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
+                             train_dataset=ds, value_model=value, eval_dataset=ds.select(range(8)),
+                             optimizers=(opt, sched))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - t0
+    return {"batches": n_batches, "wall_s_profiled": wall, "op_groups": group_ops(prof),
+            "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)}
+
+
+# ---------------------------------------------------------------------------- candidate fixes (patched here only)
+
+
+def encode_prompts_batched(tok, prompts, max_tokens):
+    """Fix A: one batched tokenizer call instead of one call per prompt (same ids)."""
+    import util
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    seqs = [(bos + ids)[-max_tokens:] for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
+    return util.left_pad(seqs, tok.pad_token_id)
+
+
+def response_logprobs_keep(model, query_responses, attention_mask, context_length, temperature=1.0):
+    """Fix B: the LM head only at the positions that predict the response (logits_to_keep)."""
+    import util
+    keep = query_responses.shape[1] - context_length + 1
+    logits = model(input_ids=query_responses, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]
+    return util.logprobs_from_logits(logits, query_responses[:, context_length:], temperature), logits
+
+
+def fix_a(repeats: int = 7) -> dict:
+    import torch
+    import util
+    cfg = bench.make_cfg(SPEC, 0, START)
+    train, _ = bench.load_data(cfg)
+    rows = bench.ppo_prompt_rows(train, cfg, 1)
+    prompts = [r["prompt"] for r in rows]
+    tok = util.load_tokenizer(START / "actor")
+    actor = util.load_causal_lm(START / "actor")
+    ids, mask = util.encode_prompts(tok, prompts, cfg.max_prompt_tokens)
+    ids2, mask2 = encode_prompts_batched(tok, prompts, cfg.max_prompt_tokens)
+    same_ids = torch.equal(ids, ids2) and torch.equal(mask, mask2)
+    original = util.encode_prompts
+
+    def bare():
+        with torch.no_grad():
+            actor.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_response_tokens,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
+                           do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
+
+    def ours():
+        util.encode_prompts = original
+        util.generate(actor, tok, prompts, cfg)
+
+    def ours_fixed():
+        util.encode_prompts = encode_prompts_batched
+        try:
+            util.generate(actor, tok, prompts, cfg)
+        finally:
+            util.encode_prompts = original
+
+    fns = {"bare_generate": bare, "util.generate (as is)": ours, "util.generate + fix A": ours_fixed}
+    times = {k: [] for k in fns}
+    enc = {"per prompt (as is)": [], "batched (fix A)": []}
+    for rep in range(repeats + 1):
+        for k, f in fns.items():
+            torch.manual_seed(rep)
+            t0 = time.perf_counter()
+            f()
+            if rep:
+                times[k].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        original(tok, prompts, cfg.max_prompt_tokens)
+        t1 = time.perf_counter()
+        encode_prompts_batched(tok, prompts, cfg.max_prompt_tokens)
+        if rep:
+            enc["per prompt (as is)"].append(t1 - t0)
+            enc["batched (fix A)"].append(time.perf_counter() - t1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"same_ids": same_ids, "seconds_median": med,
+            "encode_prompts_ms_median": {k: 1000 * statistics.median(v) for k, v in enc.items()},
+            "overhead_vs_bare": {k: v / med["bare_generate"] - 1 for k, v in med.items()}}
+
+
+def fix_b(n_batches: int = 6, repeats: int = 2) -> dict:
+    import torch
+    import util
+    cfg = bench.make_cfg(SPEC, 0, START)
+    train, _ = bench.load_data(cfg)
+    # exactness: the same log-probs from the full logits and from the kept ones
+    tok = util.load_tokenizer(START / "actor")
+    actor = util.load_causal_lm(START / "actor")
+    rows = bench.ppo_prompt_rows(train, cfg, 1)
+    qr, pmask, lq = util.generate(actor, tok, [r["prompt"] for r in rows], cfg)
+    attn = torch.cat([pmask, util.response_mask(qr[:, lq:], tok.eos_token_id)], 1)
+    with torch.no_grad():
+        a, _ = util.response_logprobs(actor, qr, attn, lq, cfg.temperature)
+        b, _ = response_logprobs_keep(actor, qr, attn, lq, cfg.temperature)
+    diff = float((a - b).abs().max())
+    original = util.response_logprobs
+    times = {"as is": [], "fix B": []}
+    gold = {"as is": [], "fix B": []}
+    for rep in range(repeats):
+        for k in (("as is", "fix B") if rep % 2 == 0 else ("fix B", "as is")):
+            util.response_logprobs = response_logprobs_keep if k == "fix B" else original
+            with tempfile.TemporaryDirectory() as tmp:
+                c = bench.make_cfg(SPEC, 0, tmp)
+                c.ppo_iterations, c.save_every = n_batches, 10**9
+                for d in ("actor", "critic"):
+                    Path(tmp, d).symlink_to(START / d, target_is_directory=True)
+                t0 = time.perf_counter()
+                hist = util.train_ppo(c, "cpu", rows=train)
+                times[k].append((time.perf_counter() - t0) / n_batches)
+                gold[k].append([h["gold_acc"] for h in hist])
+            util.response_logprobs = original
+    return {"max_abs_logprob_diff": diff, "batches": n_batches, "repeats": repeats,
+            "s_per_batch_median": {k: statistics.median(v) for k, v in times.items()},
+            "rollout_gold_acc_per_iteration": gold}
+
+
+def main() -> int:
+    bench.quiet()
+    if not (START / "critic").exists():
+        print("run `make bench` first (it trains the starting points into bench/out/start)")
+        return 1
+    res = {"ours": profile_ours(), "trl": profile_trl(), "fix_a": fix_a(), "fix_b": fix_b()}
+    Path(BENCH / "profile.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "top_ops"}
+                                                        for k, v in res.items()}, indent=1))
+    o, t = res["ours"], res["trl"]
+    lines = ["# Where PPO's time goes (tiny preset, one rollout batch of 64, 4 PPO epochs x 4 minibatches of 16)", "",
+             f"Ours: {o['wall_s_profiled'] / o['iterations']:.2f} s per iteration under the profiler; phases per "
+             "iteration: " + ", ".join(f"{k} {v:.2f} s" for k, v in o["phases_s_per_iter"].items()) + ".",
+             f"TRL PPOTrainer: {t['wall_s_profiled'] / t['batches']:.2f} s per rollout batch under the profiler.", "",
+             "Self CPU time by op group (torch.profiler):", "", "| op group | ours | TRL |", "|---|---|---|"]
+    for g in o["op_groups"]:
+        lines.append(f"| {g} | {o['op_groups'][g]['share'] * 100:.0f} % | {t['op_groups'][g]['share'] * 100:.0f} % |")
+    a, b = res["fix_a"], res["fix_b"]
+    lines += ["", "## Candidate fix A: `util.encode_prompts` tokenises the batch in one call", "",
+              f"Same ids: {a['same_ids']}. encode_prompts for 64 prompts: " + ", ".join(
+                  f"{k} {v:.1f} ms" for k, v in a["encode_prompts_ms_median"].items()) + ".", "",
+              "| path | s / batch (median) | overhead vs bare generate |", "|---|---|---|"]
+    for k, v in a["seconds_median"].items():
+        lines.append(f"| {k} | {v:.3f} | {a['overhead_vs_bare'][k] * 100:+.1f} % |")
+    lines += ["", "## Candidate fix B: `util.response_logprobs` computes logits at the response positions only", "",
+              f"Largest log-prob difference against the full logits: {b['max_abs_logprob_diff']:.2e}. "
+              f"util.train_ppo, {b['batches']} rollout batches, {b['repeats']} runs each, interleaved: " + ", ".join(
+                  f"{k} {v:.2f} s/batch" for k, v in b["s_per_batch_median"].items()) + ".", "",
+              "## Top ops, ours", "", "```", o["top_ops"], "```", "", "## Top ops, TRL", "", "```", t["top_ops"], "```"]
+    Path(BENCH / "profile.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:40]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
