@@ -79,6 +79,10 @@ class Config:
         return Path(self.out_dir, *parts)
 
 
+# which notebook writes each folder under out_dir: a missing folder names the notebook to run first
+MADE_BY = {"base_actor": "0_download.ipynb", "base_critic": "0_download.ipynb", "actor": "1_actor.ipynb",
+           "critic": "2_critic.ipynb", "rlhf": "3_rlhf.ipynb"}
+
 PRESETS = {
     # seconds: only checks that every stage runs end to end
     "smoke": dict(d_model=32, n_layers=1, n_heads=2, n_train=64, n_eval=16, sft_epochs=1, sft_batch_size=16,
@@ -550,8 +554,9 @@ def train_tokenizer(rows: list[dict], out_dir=ROOT / "tokenizer", vocab_size: in
 def load_tokenizer(path):
     """AutoTokenizer from a directory (ours, or a hub model's saved copy)."""
     from transformers import AutoTokenizer
+    recover_dir(path)
     if not Path(path, "tokenizer_config.json").exists():
-        raise FileNotFoundError(f"no tokenizer in {path}: run 0_download.ipynb first")
+        raise FileNotFoundError(f"no tokenizer in {path}: run {MADE_BY.get(Path(path).name, '0_download.ipynb')} first")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise ValueError(f"tokenizer in {path} needs a pad token distinct from EOS (pad={tok.pad_token!r})")
@@ -603,23 +608,27 @@ def disable_dropout(model):
     return model
 
 
-def _require(path, stage: str) -> Path:
-    """The path, or a clear error saying which notebook makes it."""
+def _require(path, stage: str | None = None) -> Path:
+    """The path, or a clear error saying which notebook makes it (by default the one that writes that folder)."""
     path = Path(path)
+    recover_dir(path)                         # a save cut between its two renames left the complete copy in .old
+    stage = stage or MADE_BY.get(path.name, "the notebook that writes it")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no model: run {stage} first")
+    if not list(path.glob("*.safetensors")):  # we never unpickle a .bin: it could run arbitrary code
+        raise FileNotFoundError(f"{path} has a config but no .safetensors weights: run {stage} again")
     return path
 
 
-def load_causal_lm(path, stage: str = "1_actor.ipynb", device=None):
-    """A causal LM from a save_pretrained directory (safetensors), dropout off."""
+def load_causal_lm(path, stage: str | None = None, device=None):
+    """A causal LM from a save_pretrained directory (safetensors only), dropout off."""
     from transformers import AutoModelForCausalLM
     quiet_hf()
-    model = AutoModelForCausalLM.from_pretrained(_require(path, stage))
+    model = AutoModelForCausalLM.from_pretrained(_require(path, stage), use_safetensors=True)
     return disable_dropout(model).to(device or "cpu")
 
 
-def load_score_model(path, stage: str = "2_critic.ipynb", device=None):
+def load_score_model(path, stage: str | None = None, device=None):
     """A backbone + scalar head (AutoModelForSequenceClassification, num_labels=1), dropout off."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -627,7 +636,8 @@ def load_score_model(path, stage: str = "2_critic.ipynb", device=None):
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()          # a fresh head on a causal-LM checkpoint is expected, not a warning
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(_require(path, stage), num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(_require(path, stage), num_labels=1,
+                                                                   use_safetensors=True)
     finally:
         hf_logging.set_verbosity(level)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 1
@@ -678,6 +688,7 @@ def save_model(model, tok, path, metrics: dict | None = None) -> Path:
 def _swap_dir(tmp: Path, path: Path) -> None:
     """Replace directory `path` by `tmp`; at every instant either the old or the new one is complete."""
     old = path.with_name(path.name + ".old")
+    recover_dir(path)                         # else the rmtree below could delete the only complete copy
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
