@@ -425,7 +425,11 @@ def _read_records(path: Path) -> list[tuple[int, object]]:
     if path.suffix == ".parquet":
         import pandas as pd
         return [(i + 1, r) for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     if text.lstrip().startswith("["):
@@ -462,7 +466,8 @@ def load_rows(path, required=("prompt", "chosen", "rejected"), skip_bad: bool = 
                 name = next((a for a in aliases if a in rec), None)
                 if name is None:
                     if field in required:
-                        raise DataError(f"{path}:{line}: field '{field}' is missing (accepted names: {aliases})")
+                        raise DataError(f"{path}:{line}: field '{field}' is missing (accepted names: {aliases}; "
+                                        f"this row has: {sorted(rec)})")
                     continue
                 value = rec[name]
                 if not isinstance(value, str):
@@ -574,8 +579,30 @@ def encode_response(tok, response: str) -> list[int]:
     return tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
-def check_tokenizer_matches(tok, model) -> None:
-    """Raise a clear error when a tokenizer and a model do not belong together."""
+def fit_rows(tok, rows: list[dict], cfg: Config, answers=("response",), what: str = "rows") -> list[dict]:
+    """The rows whose answers fit max_response_tokens; over-long ones are skipped (a cut answer has no EOS to
+    learn) and over-long prompts are cut to their last max_prompt_tokens tokens, both counted and printed."""
+    keep, long_prompts = [], 0
+    for i, r in enumerate(rows):
+        missing = [k for k in answers if not isinstance(r.get(k), str)]
+        if missing:
+            raise DataError(f"{what}: row {i} has no {missing[0]!r} field (this stage needs {list(answers)})")
+        long_prompts += len(encode_prompt(tok, r["prompt"])) > cfg.max_prompt_tokens
+        if all(len(encode_response(tok, r[k])) <= cfg.max_response_tokens for k in answers):
+            keep.append(r)
+    if long_prompts:
+        print(f"{what}: {long_prompts} of {len(rows)} prompts are longer than max_prompt_tokens="
+              f"{cfg.max_prompt_tokens}: cut to their last {cfg.max_prompt_tokens} tokens")
+    if len(keep) < len(rows):
+        print(f"{what}: skipped {len(rows) - len(keep)} of {len(rows)} rows whose {'/'.join(answers)} is longer "
+              f"than max_response_tokens={cfg.max_response_tokens} tokens with EOS (raise it to keep them)")
+    if rows and not keep:
+        raise DataError(f"{what}: every row is longer than max_response_tokens={cfg.max_response_tokens}")
+    return keep
+
+
+def check_tokenizer_matches(tok, model, cfg: Config | None = None) -> None:
+    """Raise a clear error when a tokenizer and a model do not belong together (or the lengths do not fit)."""
     emb = model.get_input_embeddings().weight.shape[0]
     if len(tok) > emb:
         raise ValueError(f"tokenizer has {len(tok)} tokens but the model's embedding has {emb}: "
@@ -584,6 +611,10 @@ def check_tokenizer_matches(tok, model) -> None:
         m, t = getattr(model.config, name, None), getattr(tok, name)
         if m is not None and m != t:
             raise ValueError(f"{name}: tokenizer says {t}, model config says {m}; re-run 0_download.ipynb")
+    n_pos = getattr(model.config, "max_position_embeddings", None)
+    if cfg is not None and n_pos and cfg.max_prompt_tokens + cfg.max_response_tokens > n_pos:
+        raise ValueError(f"max_prompt_tokens + max_response_tokens = {cfg.max_prompt_tokens + cfg.max_response_tokens} "
+                         f"but the model has {n_pos} positions: lower them (or max_positions before 0_download)")
 
 
 # ============================================================================ models
