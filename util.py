@@ -159,12 +159,17 @@ def get_device():
     return device
 
 
+# not installed in Colab: its own torch and Jupyter builds stay (replacing them can break the runtime), and the
+# tools of `make run` / `make test` are not needed there
+COLAB_SKIP = r"(torch|jupyter\w*|ipykernel|papermill|nbval|pytest|websocket-client)\b"
+
+
 def colab_setup(requirements=ROOT / "requirements.txt", run=None) -> list[str]:
-    """In Colab, pip-install the requirements except torch (Colab's own build stays); elsewhere do nothing."""
+    """In Colab, pip-install the requirements except COLAB_SKIP (Colab's torch stays); elsewhere do nothing."""
     if not in_colab():
         return []
     lines = [ln.strip() for ln in Path(requirements).read_text().splitlines()]
-    pkgs = [ln for ln in lines if ln and not ln.startswith("#") and not re.match(r"torch\b", ln)]
+    pkgs = [ln for ln in lines if ln and not ln.startswith("#") and not re.match(COLAB_SKIP, ln)]
     cmd = [sys.executable, "-m", "pip", "install", "-q", *pkgs]
     import subprocess
     (run or subprocess.check_call)(cmd)
