@@ -2,6 +2,7 @@
 evaluation, plotting, CLI. The notebooks tell the story; this file holds the code they share."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -9,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import sys
@@ -740,6 +742,69 @@ def recover_dir(path) -> None:
         os.replace(old, path)
 
 
+# ---------------------------------------------------------------------------- stopping cleanly
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A stage stopped by Ctrl-C, Jupyter's stop button or SIGTERM; the message says what is kept on disk."""
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def kept_model(path) -> str:
+    """What a stopped SFT or RM run leaves: nothing of the run, and `path` as it was (the last completed model)."""
+    recover_dir(path)
+    done = (Path(path) / "config.json").exists()
+    there = "still holds the last completed model, untouched" if done else "has no model yet"
+    return (f"Nothing of this run was saved ({path} {there}). To train again, re-run the cell that loads the "
+            "model, then this one.")
+
+
+def check_not_stopped(model) -> None:
+    """Refuse to train a model object that a stopped run left half-trained (re-running only the training cell)."""
+    if getattr(model, "_stopped_midway", False):
+        raise RuntimeError("this model was partly trained by a stopped run: re-run the cell that loads it, then this one")
+
+
+@contextlib.contextmanager
+def stop_cleanly(stage: str, cfg: Config, batch_fields=(), kept=lambda: "", model=None):
+    """Around a training or generation loop: SIGTERM stops it like Ctrl-C (so no write is cut short by a kill),
+    and an interrupt, a NaN loss or CUDA out-of-memory end in one short message saying what is kept on disk,
+    instead of a stack trace from inside torch. `model` is marked so that it is not trained on by mistake."""
+    import torch
+    previous = signal.getsignal(signal.SIGTERM)
+    # handlers can only be set in the main thread; None means a handler not set from Python: leave it alone
+    install = previous is not None and threading.current_thread() is threading.main_thread()
+    if install:
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    error = None
+    try:
+        yield
+    except TrainingStopped:
+        raise                                 # an inner stop_cleanly has explained it already
+    except KeyboardInterrupt:
+        error = TrainingStopped(f"{stage} stopped by an interrupt. {kept()}".rstrip())
+    except FloatingPointError as e:
+        error = FloatingPointError(f"{e}. {kept()}".rstrip())
+    except torch.cuda.OutOfMemoryError:
+        now = ", ".join(f"{f}={getattr(cfg, f)}" for f in batch_fields)
+        half = ", ".join(f"{f}={max(1, getattr(cfg, f) // 2)}" for f in batch_fields)
+        fix = f"try util.get_config(PRESET, {half}) in the set-up cell" if batch_fields else "use smaller batches"
+        error = MemoryError(f"{stage}: out of GPU memory with {now or 'this batch size'}. Restart the kernel "
+                            f"(frees the memory), then {fix}. {kept()}".rstrip())
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, previous)
+    if error is None:
+        return
+    if model is not None:
+        model._stopped_midway = True          # its weights are neither the start nor the end of a run
+    # raised here, `from None`: the message is not buried under torch's frames
+    raise error from None
+
+
 # ============================================================================ generation
 
 
@@ -803,9 +868,10 @@ def sample_answers(model, tok, prompts: list[str], cfg: Config, greedy: bool = F
     """Answers as text for many prompts, in batches, with a progress bar."""
     out = []
     bs = batch_size or cfg.eval_batch_size
-    for i in progress(range(0, len(prompts), bs), desc=desc, leave=False):
-        qr, _, lq = generate(model, tok, prompts[i:i + bs], cfg, greedy=greedy)
-        out += decode_responses(tok, qr[:, lq:])
+    with stop_cleanly(desc, cfg, () if batch_size else ("eval_batch_size",)):
+        for i in progress(range(0, len(prompts), bs), desc=desc, leave=False):
+            qr, _, lq = generate(model, tok, prompts[i:i + bs], cfg, greedy=greedy)
+            out += decode_responses(tok, qr[:, lq:])
     return out
 
 
@@ -889,38 +955,46 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
     """Supervised fine-tuning on prompt -> response demos; returns the loss history (held-out loss on up to
     200 eval rows, n_logs times)."""
     import torch
+    check_not_stopped(model)
+    check_tokenizer_matches(tok, model, cfg)
+    train_rows = fit_rows(tok, train_rows, cfg, ("response",), "SFT training rows")
+    eval_rows = fit_rows(tok, eval_rows[:200], cfg, ("response",), "SFT held-out rows")
     ex = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in train_rows]
-    ev = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in eval_rows[:200]]
+    ev = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in eval_rows]
     plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
     history, run = [], []
     bar = progress(plan, desc="SFT")
-    for step, idx in enumerate(bar, 1):
-        model.train()
-        loss = sft_loss(model, right_pad_batch([ex[i] for i in idx], tok.pad_token_id), device)
-        check_finite(loss, "SFT loss", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        run.append(float(loss.detach()))
-        if step % log_every == 0 or step == len(plan):
-            rec = {"step": step, "epoch": step * cfg.sft_batch_size / len(ex), "train_loss": sum(run) / len(run),
-                   "eval_loss": eval_sft_loss(model, ev, tok.pad_token_id, device)}
-            history.append(rec)
-            run = []
-            bar.set_postfix(train=f"{rec['train_loss']:.3f}", eval=f"{rec['eval_loss']:.3f}", refresh=False)
+    with stop_cleanly("SFT", cfg, ("sft_batch_size",), lambda: kept_model(cfg.path("actor")), model):
+        for step, idx in enumerate(bar, 1):
+            model.train()
+            loss = sft_loss(model, right_pad_batch([ex[i] for i in idx], tok.pad_token_id), device)
+            check_finite(loss, "SFT loss", step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            check_finite(grad_norm, "SFT gradient norm", step)      # a finite loss can still give inf gradients
+            opt.step()
+            sched.step()
+            run.append(float(loss.detach()))
+            if step % log_every == 0 or step == len(plan):
+                rec = {"step": step, "epoch": step * cfg.sft_batch_size / len(ex), "train_loss": sum(run) / len(run),
+                       "eval_loss": eval_sft_loss(model, ev, tok.pad_token_id, device)}
+                history.append(rec)
+                run = []
+                bar.set_postfix(train=f"{rec['train_loss']:.3f}", eval=f"{rec['eval_loss']:.3f}", refresh=False)
     model.eval()
     return history
 
 
-def check_finite(loss, what: str, step: int) -> None:
-    """Stop with a clear message on a NaN/inf loss instead of training on garbage."""
-    if not math.isfinite(float(loss.detach() if hasattr(loss, "detach") else loss)):
-        raise FloatingPointError(f"{what} became {float(loss)} at step {step}: lower the learning rate; "
-                                 "the last saved checkpoint is untouched")
+def check_finite(loss, what: str, step) -> None:
+    """Stop with a clear message on a NaN/inf loss instead of training on garbage (`step`: a number or a phrase)."""
+    value = float(loss.detach() if hasattr(loss, "detach") else loss)
+    if not math.isfinite(value):
+        at = f"step {step}" if isinstance(step, int) else step
+        raise FloatingPointError(f"{what} became {value} at {at}, before it reached the weights: "
+                                 "lower the learning rate")
 
 
 # ============================================================================ reward model
@@ -998,50 +1072,55 @@ def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
 def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 20) -> list[dict]:
     """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up to 200 pairs)."""
     import torch
+    check_not_stopped(model)
+    check_tokenizer_matches(tok, model, cfg)
+    train_rows = fit_rows(tok, train_rows, cfg, ("chosen", "rejected"), "reward-model training pairs")
+    curve_rows = fit_rows(tok, eval_rows[:200], cfg, ("chosen", "rejected"), "reward-model held-out pairs")
     if cfg.rm_freeze_backbone:                  # train the head only (cheap, less overfitting, weaker)
         for p in getattr(model, model.base_model_prefix).parameters():
             p.requires_grad_(False)
     plan = batches(len(train_rows), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
-    curve_rows = eval_rows[:200]
     opt, sched = make_optimizer(model, cfg.rm_lr, len(plan))
     history, run = [], []
     bar = progress(plan, desc="reward model")
-    for step, idx in enumerate(bar, 1):
-        model.train()
-        part = [train_rows[i] for i in idx]
-        # chosen and rejected in one forward pass: same padding, same batch statistics
-        ids_c, m_c = rm_batch(tok, part, cfg, "chosen")
-        ids_r, m_r = rm_batch(tok, part, cfg, "rejected")
-        n = max(ids_c.shape[1], ids_r.shape[1])
-        pad = lambda t, v: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)
-        ids = torch.cat([pad(ids_c, tok.pad_token_id), pad(ids_r, tok.pad_token_id)]).to(device)
-        mask = torch.cat([pad(m_c, 0), pad(m_r, 0)]).to(device)
-        per_token = token_scores(model, ids, mask)
-        s = at_last_token(per_token, mask)
-        rc, rr = s[:len(part)], s[len(part):]
-        loss = pairwise_loss(rc, rr)
-        if cfg.rm_prefix_weight > 0:
-            # also rank every rejected prefix that already contains the mistake below the chosen answer:
-            # the model is told *where* the error is, not only that the answer is worse overall
-            k = len(part)
-            after = mistake_positions(ids[:k], ids[k:], mask[:k], mask[k:])
-            pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[k:])
-            loss = loss + cfg.rm_prefix_weight * masked_mean(pre, after)
-        check_finite(loss, "reward loss", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        run.append((float(loss.detach()), float((rc > rr).float().mean())))
-        if step % log_every == 0 or step == len(plan):
-            c, r = score_pairs(model, tok, curve_rows, cfg, device)
-            rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),
-                   "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c)}
-            history.append(rec)
-            run = []
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}", refresh=False)
+    with stop_cleanly("reward model", cfg, ("rm_batch_size",), lambda: kept_model(cfg.path("critic")), model):
+        for step, idx in enumerate(bar, 1):
+            model.train()
+            part = [train_rows[i] for i in idx]
+            # chosen and rejected in one forward pass: same padding, same batch statistics
+            ids_c, m_c = rm_batch(tok, part, cfg, "chosen")
+            ids_r, m_r = rm_batch(tok, part, cfg, "rejected")
+            n = max(ids_c.shape[1], ids_r.shape[1])
+            pad = lambda t, v: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)
+            ids = torch.cat([pad(ids_c, tok.pad_token_id), pad(ids_r, tok.pad_token_id)]).to(device)
+            mask = torch.cat([pad(m_c, 0), pad(m_r, 0)]).to(device)
+            per_token = token_scores(model, ids, mask)
+            s = at_last_token(per_token, mask)
+            rc, rr = s[:len(part)], s[len(part):]
+            loss = pairwise_loss(rc, rr)
+            if cfg.rm_prefix_weight > 0:
+                # also rank every rejected prefix that already contains the mistake below the chosen answer:
+                # the model is told *where* the error is, not only that the answer is worse overall
+                k = len(part)
+                after = mistake_positions(ids[:k], ids[k:], mask[:k], mask[k:])
+                pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[k:])
+                loss = loss + cfg.rm_prefix_weight * masked_mean(pre, after)
+            check_finite(loss, "reward loss", step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            check_finite(grad_norm, "reward gradient norm", step)   # a finite loss can still give inf gradients
+            opt.step()
+            sched.step()
+            run.append((float(loss.detach()), float((rc > rr).float().mean())))
+            if step % log_every == 0 or step == len(plan):
+                c, r = score_pairs(model, tok, curve_rows, cfg, device)
+                rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),
+                       "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c)}
+                history.append(rec)
+                run = []
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}", refresh=False)
     model.eval()
     return history
 
@@ -1174,12 +1253,13 @@ def ppo_update(actor, critic, opt_actor, opt_critic, ro: Rollout, advantages, re
             pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
             pg_loss = masked_mean(pg_losses, m)
             loss = pg_loss + cfg.vf_coef * vf_loss
-            check_finite(loss, "PPO loss", epoch)
+            check_finite(loss, "PPO loss", f"epoch {epoch}")
             opt_actor.zero_grad(set_to_none=True)
             opt_critic.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
+                         + torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm))
+            check_finite(grad_norm, "PPO gradient norm", f"epoch {epoch}")  # a finite loss can still give inf gradients
             opt_actor.step()
             opt_critic.step()
             with torch.no_grad():
@@ -1280,21 +1360,33 @@ def load_ppo_state(path, cfg: Config) -> dict | None:
     return state
 
 
+def kept_checkpoint(path) -> str:
+    """What a stopped PPO run leaves: its last complete checkpoint, which a re-run resumes from."""
+    recover_dir(path)
+    f = Path(path, "state.json")
+    if not f.exists():
+        return f"No PPO checkpoint was saved yet in {path}: re-running starts PPO afresh."
+    it = json.loads(f.read_text())["iteration"]
+    return f"{path} holds the checkpoint of iteration {it}, intact: re-run this cell to resume from it."
+
+
 def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> list[dict]:
     """The PPO loop with periodic atomic checkpoints; re-running resumes from the last one."""
     import torch
     from safetensors.torch import load_file
     out = cfg.path("rlhf")
-    tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
-    _require(cfg.path("critic"), "2_critic.ipynb")
+    tok = load_tokenizer(_require(cfg.path("actor")))
+    _require(cfg.path("critic"))
     rows = rows if rows is not None else load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
+    rows = fit_rows(tok, rows, cfg, (), "PPO prompts")
     state = load_ppo_state(out, cfg)
     src = out if state else cfg.path("actor")
     models = {"actor": load_causal_lm(src, device=device),
               "ref": load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False),
               "critic": load_score_model(out / "critic" if state else cfg.path("critic"), device=device),
               "rm": load_score_model(cfg.path("critic"), device=device).requires_grad_(False)}
-    check_tokenizer_matches(tok, models["actor"])
+    for m in models.values():
+        check_tokenizer_matches(tok, m, cfg)
     opts = {"actor": make_optimizer(models["actor"], cfg.ppo_lr, 1, warmup=0)[0],
             "critic": make_optimizer(models["critic"], cfg.ppo_vf_lr, 1, warmup=0)[0]}
     history, kl_coef, start = [], cfg.kl_coef, 0
@@ -1306,17 +1398,19 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
         print(f"resuming PPO from iteration {start} (checkpoint in {out}; delete that folder to start over)")
     end = cfg.ppo_iterations if stop_after is None else min(cfg.ppo_iterations, start + stop_after)
     bar = progress(range(start, end), desc="PPO", initial=start, total=cfg.ppo_iterations)
-    for it in bar:
-        set_seed(cfg.seed * 100_003 + it)                  # each iteration is reproducible, resumed or not
-        batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.rollout_batch_size].tolist()]
-        rec = {"iteration": it + 1, **ppo_iteration(models, opts, tok, batch, cfg, kl_coef)}
-        history.append(rec)
-        if cfg.kl_target > 0:
-            kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size)
-        bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.2f}", refresh=False)
-        if (it + 1) % cfg.save_every == 0 or it + 1 == end:
-            save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "inputs": inputs_fingerprint(cfg),
-                                                         "iteration": it + 1, "kl_coef": kl_coef, "history": history})
+    # the models in memory are dropped on a stop: only the checkpoint on disk counts, and a re-run reloads it
+    with stop_cleanly("PPO", cfg, ("rollout_batch_size", "ppo_minibatch_size"), lambda: kept_checkpoint(out)):
+        for it in bar:
+            set_seed(cfg.seed * 100_003 + it)                  # each iteration is reproducible, resumed or not
+            batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.rollout_batch_size].tolist()]
+            rec = {"iteration": it + 1, **ppo_iteration(models, opts, tok, batch, cfg, kl_coef)}
+            history.append(rec)
+            if cfg.kl_target > 0:
+                kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size)
+            bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.2f}", refresh=False)
+            if (it + 1) % cfg.save_every == 0 or it + 1 == end:
+                save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "inputs": inputs_fingerprint(cfg),
+                                                             "iteration": it + 1, "kl_coef": kl_coef, "history": history})
     return history
 
 
@@ -1330,27 +1424,28 @@ def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str 
     greedy = sample_answers(model, tok, prompts, cfg, greedy=True, desc=f"{desc} greedy")
     per_row = []
     bs = cfg.eval_batch_size
-    for i in progress(range(0, len(rows), bs), desc=f"{desc} sampled", leave=False):
-        part = rows[i:i + bs]
-        qr, pmask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
-        resp = qr[:, lq:]
-        mask = response_mask(resp, tok.eos_token_id)
-        _, has_eos = first_eos_index(resp, tok.eos_token_id)
-        attn = torch.cat([pmask, mask], 1)
-        with torch.no_grad():
-            kl = torch.zeros(len(part))
-            if ref is not None:            # KL(policy || ref) estimated on the policy's own samples (k1, summed)
-                lp, _ = response_logprobs(model, qr, attn, lq, cfg.temperature)
-                rlp, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
-                kl = ((lp - rlp) * mask).sum(1).cpu()
-            score = reward_scores(rm, qr, attn).cpu() if rm is not None else torch.full((len(part),), float("nan"))
-        for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
-            per_row.append({"prompt": r["prompt"], "family": r.get("family", "?"), "gold": r["chosen"].strip(),
-                            "greedy": greedy[i + j].strip(), "sampled": text.strip(),
-                            "greedy_ok": execution_match(r["setup_sql"], r["chosen"], greedy[i + j]),
-                            "sampled_ok": execution_match(r["setup_sql"], r["chosen"], text),
-                            "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
-                            "eos": bool(has_eos[j])})
+    with stop_cleanly(desc, cfg, ("eval_batch_size",)):
+        for i in progress(range(0, len(rows), bs), desc=f"{desc} sampled", leave=False):
+            part = rows[i:i + bs]
+            qr, pmask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
+            resp = qr[:, lq:]
+            mask = response_mask(resp, tok.eos_token_id)
+            _, has_eos = first_eos_index(resp, tok.eos_token_id)
+            attn = torch.cat([pmask, mask], 1)
+            with torch.no_grad():
+                kl = torch.zeros(len(part))
+                if ref is not None:            # KL(policy || ref) estimated on the policy's own samples (k1, summed)
+                    lp, _ = response_logprobs(model, qr, attn, lq, cfg.temperature)
+                    rlp, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
+                    kl = ((lp - rlp) * mask).sum(1).cpu()
+                score = reward_scores(rm, qr, attn).cpu() if rm is not None else torch.full((len(part),), float("nan"))
+            for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
+                per_row.append({"prompt": r["prompt"], "family": r.get("family", "?"), "gold": r["chosen"].strip(),
+                                "greedy": greedy[i + j].strip(), "sampled": text.strip(),
+                                "greedy_ok": execution_match(r["setup_sql"], r["chosen"], greedy[i + j]),
+                                "sampled_ok": execution_match(r["setup_sql"], r["chosen"], text),
+                                "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
+                                "eos": bool(has_eos[j])})
     n = len(per_row)
     summary = {"exec_acc_greedy": sum(r["greedy_ok"] for r in per_row) / n,
                "exec_acc_sampled": sum(r["sampled_ok"] for r in per_row) / n,
