@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import sys
@@ -99,6 +100,10 @@ class Config:
         """A path under the output directory."""
         return Path(self.out_dir, *parts)
 
+
+# which notebook writes each folder under out_dir: a missing folder names the notebook to run first
+MADE_BY = {"base_actor": "0_download.ipynb", "base_critic": "0_download.ipynb", "actor": "1_actor.ipynb",
+           "critic": "2_critic.ipynb", "rlhf": "3_rlhf.ipynb"}
 
 PRESETS = {
     # seconds: only checks that every stage runs end to end
@@ -201,12 +206,17 @@ def my_share(idx: list) -> list:
     return idx[acc.process_index::acc.num_processes]
 
 
+# not installed in Colab: its own torch and Jupyter builds stay (replacing them can break the runtime), and the
+# tools of `make run` / `make test` are not needed there
+COLAB_SKIP = r"(torch|jupyter\w*|ipykernel|papermill|nbval|pytest|websocket-client)\b"
+
+
 def colab_setup(requirements=ROOT / "requirements.txt", run=None) -> list[str]:
-    """In Colab, pip-install the requirements except torch (Colab's own build stays); elsewhere do nothing."""
+    """In Colab, pip-install the requirements except COLAB_SKIP (Colab's torch stays); elsewhere do nothing."""
     if not in_colab():
         return []
     lines = [ln.strip() for ln in Path(requirements).read_text().splitlines()]
-    pkgs = [ln for ln in lines if ln and not ln.startswith("#") and not re.match(r"torch\b", ln)]
+    pkgs = [ln for ln in lines if ln and not ln.startswith("#") and not re.match(COLAB_SKIP, ln)]
     cmd = [sys.executable, "-m", "pip", "install", "-q", *pkgs]
     import subprocess
     (run or subprocess.check_call)(cmd)
@@ -470,7 +480,11 @@ def _read_records(path: Path) -> list[tuple[int, object]]:
     if path.suffix == ".parquet":
         import pandas as pd
         return [(i + 1, r) for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     if text.lstrip().startswith("["):
@@ -507,7 +521,8 @@ def load_rows(path, required=("prompt", "chosen", "rejected"), skip_bad: bool = 
                 name = next((a for a in aliases if a in rec), None)
                 if name is None:
                     if field in required:
-                        raise DataError(f"{path}:{line}: field '{field}' is missing (accepted names: {aliases})")
+                        raise DataError(f"{path}:{line}: field '{field}' is missing (accepted names: {aliases}; "
+                                        f"this row has: {sorted(rec)})")
                     continue
                 value = rec[name]
                 if not isinstance(value, str):
@@ -599,8 +614,9 @@ def train_tokenizer(rows: list[dict], out_dir=ROOT / "tokenizer", vocab_size: in
 def load_tokenizer(path):
     """AutoTokenizer from a directory (ours, or a hub model's saved copy)."""
     from transformers import AutoTokenizer
+    recover_dir(path)
     if not Path(path, "tokenizer_config.json").exists():
-        raise FileNotFoundError(f"no tokenizer in {path}: run 0_download.ipynb first")
+        raise FileNotFoundError(f"no tokenizer in {path}: run {MADE_BY.get(Path(path).name, '0_download.ipynb')} first")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise ValueError(f"tokenizer in {path} needs a pad token distinct from EOS (pad={tok.pad_token!r})")
@@ -618,8 +634,30 @@ def encode_response(tok, response: str) -> list[int]:
     return tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
-def check_tokenizer_matches(tok, model) -> None:
-    """Raise a clear error when a tokenizer and a model do not belong together."""
+def fit_rows(tok, rows: list[dict], cfg: Config, answers=("response",), what: str = "rows") -> list[dict]:
+    """The rows whose answers fit max_response_tokens; over-long ones are skipped (a cut answer has no EOS to
+    learn) and over-long prompts are cut to their last max_prompt_tokens tokens, both counted and printed."""
+    keep, long_prompts = [], 0
+    for i, r in enumerate(rows):
+        missing = [k for k in answers if not isinstance(r.get(k), str)]
+        if missing:
+            raise DataError(f"{what}: row {i} has no {missing[0]!r} field (this stage needs {list(answers)})")
+        long_prompts += len(encode_prompt(tok, r["prompt"])) > cfg.max_prompt_tokens
+        if all(len(encode_response(tok, r[k])) <= cfg.max_response_tokens for k in answers):
+            keep.append(r)
+    if long_prompts:
+        print(f"{what}: {long_prompts} of {len(rows)} prompts are longer than max_prompt_tokens="
+              f"{cfg.max_prompt_tokens}: cut to their last {cfg.max_prompt_tokens} tokens")
+    if len(keep) < len(rows):
+        print(f"{what}: skipped {len(rows) - len(keep)} of {len(rows)} rows whose {'/'.join(answers)} is longer "
+              f"than max_response_tokens={cfg.max_response_tokens} tokens with EOS (raise it to keep them)")
+    if rows and not keep:
+        raise DataError(f"{what}: every row is longer than max_response_tokens={cfg.max_response_tokens}")
+    return keep
+
+
+def check_tokenizer_matches(tok, model, cfg: Config | None = None) -> None:
+    """Raise a clear error when a tokenizer and a model do not belong together (or the lengths do not fit)."""
     emb = model.get_input_embeddings().weight.shape[0]
     if len(tok) > emb:
         raise ValueError(f"tokenizer has {len(tok)} tokens but the model's embedding has {emb}: "
@@ -628,6 +666,10 @@ def check_tokenizer_matches(tok, model) -> None:
         m, t = getattr(model.config, name, None), getattr(tok, name)
         if m is not None and m != t:
             raise ValueError(f"{name}: tokenizer says {t}, model config says {m}; re-run 0_download.ipynb")
+    n_pos = getattr(model.config, "max_position_embeddings", None)
+    if cfg is not None and n_pos and cfg.max_prompt_tokens + cfg.max_response_tokens > n_pos:
+        raise ValueError(f"max_prompt_tokens + max_response_tokens = {cfg.max_prompt_tokens + cfg.max_response_tokens} "
+                         f"but the model has {n_pos} positions: lower them (or max_positions before 0_download)")
 
 
 # ============================================================================ models
@@ -678,23 +720,27 @@ def reference_model(actor, ref):
                 yield actor
 
 
-def _require(path, stage: str) -> Path:
-    """The path, or a clear error saying which notebook makes it."""
+def _require(path, stage: str | None = None) -> Path:
+    """The path, or a clear error saying which notebook makes it (by default the one that writes that folder)."""
     path = Path(path)
+    recover_dir(path)                         # a save cut between its two renames left the complete copy in .old
+    stage = stage or MADE_BY.get(path.name, "the notebook that writes it")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no model: run {stage} first")
+    if not list(path.glob("*.safetensors")):  # we never unpickle a .bin: it could run arbitrary code
+        raise FileNotFoundError(f"{path} has a config but no .safetensors weights: run {stage} again")
     return path
 
 
-def load_causal_lm(path, stage: str = "1_actor.ipynb", device=None):
-    """A causal LM from a save_pretrained directory (safetensors), dropout off."""
+def load_causal_lm(path, stage: str | None = None, device=None):
+    """A causal LM from a save_pretrained directory (safetensors only), dropout off."""
     from transformers import AutoModelForCausalLM
     quiet_hf()
-    model = AutoModelForCausalLM.from_pretrained(_require(path, stage))
+    model = AutoModelForCausalLM.from_pretrained(_require(path, stage), use_safetensors=True)
     return disable_dropout(model).to(device or "cpu")
 
 
-def load_score_model(path, stage: str = "2_critic.ipynb", device=None):
+def load_score_model(path, stage: str | None = None, device=None):
     """A backbone + scalar head (AutoModelForSequenceClassification, num_labels=1), dropout off."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -702,7 +748,8 @@ def load_score_model(path, stage: str = "2_critic.ipynb", device=None):
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()          # a fresh head on a causal-LM checkpoint is expected, not a warning
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(_require(path, stage), num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(_require(path, stage), num_labels=1,
+                                                                   use_safetensors=True)
     finally:
         hf_logging.set_verbosity(level)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 1
@@ -756,6 +803,7 @@ def save_model(model, tok, path, metrics: dict | None = None) -> Path:
 def _swap_dir(tmp: Path, path: Path) -> None:
     """Replace directory `path` by `tmp`; at every instant either the old or the new one is complete."""
     old = path.with_name(path.name + ".old")
+    recover_dir(path)                         # else the rmtree below could delete the only complete copy
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
@@ -769,6 +817,69 @@ def recover_dir(path) -> None:
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.exists():
         os.replace(old, path)
+
+
+# ---------------------------------------------------------------------------- stopping cleanly
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A stage stopped by Ctrl-C, Jupyter's stop button or SIGTERM; the message says what is kept on disk."""
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def kept_model(path) -> str:
+    """What a stopped SFT or RM run leaves: nothing of the run, and `path` as it was (the last completed model)."""
+    recover_dir(path)
+    done = (Path(path) / "config.json").exists()
+    there = "still holds the last completed model, untouched" if done else "has no model yet"
+    return (f"Nothing of this run was saved ({path} {there}). To train again, re-run the cell that loads the "
+            "model, then this one.")
+
+
+def check_not_stopped(model) -> None:
+    """Refuse to train a model object that a stopped run left half-trained (re-running only the training cell)."""
+    if getattr(model, "_stopped_midway", False):
+        raise RuntimeError("this model was partly trained by a stopped run: re-run the cell that loads it, then this one")
+
+
+@contextlib.contextmanager
+def stop_cleanly(stage: str, cfg: Config, batch_fields=(), kept=lambda: "", model=None):
+    """Around a training or generation loop: SIGTERM stops it like Ctrl-C (so no write is cut short by a kill),
+    and an interrupt, a NaN loss or CUDA out-of-memory end in one short message saying what is kept on disk,
+    instead of a stack trace from inside torch. `model` is marked so that it is not trained on by mistake."""
+    import torch
+    previous = signal.getsignal(signal.SIGTERM)
+    # handlers can only be set in the main thread; None means a handler not set from Python: leave it alone
+    install = previous is not None and threading.current_thread() is threading.main_thread()
+    if install:
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    error = None
+    try:
+        yield
+    except TrainingStopped:
+        raise                                 # an inner stop_cleanly has explained it already
+    except KeyboardInterrupt:
+        error = TrainingStopped(f"{stage} stopped by an interrupt. {kept()}".rstrip())
+    except FloatingPointError as e:
+        error = FloatingPointError(f"{e}. {kept()}".rstrip())
+    except torch.cuda.OutOfMemoryError:
+        now = ", ".join(f"{f}={getattr(cfg, f)}" for f in batch_fields)
+        half = ", ".join(f"{f}={max(1, getattr(cfg, f) // 2)}" for f in batch_fields)
+        fix = f"try util.get_config(PRESET, {half}) in the set-up cell" if batch_fields else "use smaller batches"
+        error = MemoryError(f"{stage}: out of GPU memory with {now or 'this batch size'}. Restart the kernel "
+                            f"(frees the memory), then {fix}. {kept()}".rstrip())
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, previous)
+    if error is None:
+        return
+    if model is not None:
+        model._stopped_midway = True          # its weights are neither the start nor the end of a run
+    # raised here, `from None`: the message is not buried under torch's frames
+    raise error from None
 
 
 # ============================================================================ generation
@@ -834,9 +945,10 @@ def sample_answers(model, tok, prompts: list[str], cfg: Config, greedy: bool = F
     """Answers as text for many prompts, in batches, with a progress bar."""
     out = []
     bs = batch_size or cfg.eval_batch_size
-    for i in progress(range(0, len(prompts), bs), desc=desc, leave=False):
-        qr, _, lq = generate(model, tok, prompts[i:i + bs], cfg, greedy=greedy)
-        out += decode_responses(tok, qr[:, lq:])
+    with stop_cleanly(desc, cfg, () if batch_size else ("eval_batch_size",)):
+        for i in progress(range(0, len(prompts), bs), desc=desc, leave=False):
+            qr, _, lq = generate(model, tok, prompts[i:i + bs], cfg, greedy=greedy)
+            out += decode_responses(tok, qr[:, lq:])
     return out
 
 
@@ -920,8 +1032,12 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
     """Supervised fine-tuning on prompt -> response demos; returns the loss history (held-out loss on up to
     200 eval rows, n_logs times)."""
     import torch
+    check_not_stopped(model)
+    check_tokenizer_matches(tok, model, cfg)
+    train_rows = fit_rows(tok, train_rows, cfg, ("response",), "SFT training rows")
+    eval_rows = fit_rows(tok, eval_rows[:200], cfg, ("response",), "SFT held-out rows")
     ex = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in train_rows]
-    ev = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in eval_rows[:200]]
+    ev = [sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in eval_rows]
     plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
@@ -929,31 +1045,37 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
     wrapped, opt = acc.prepare(model, opt)      # same weights; a DDP wrapper only under `accelerate launch`
     history, run = [], []
     bar = progress(plan, desc="SFT")
-    for step, idx in enumerate(bar, 1):
-        model.train()
-        loss = sft_loss(wrapped, right_pad_batch([ex[i] for i in my_share(idx)], tok.pad_token_id), device)
-        check_finite(loss, "SFT loss", step)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        run.append(float(loss.detach()))
-        if step % log_every == 0 or step == len(plan):
-            rec = {"step": step, "epoch": step * cfg.sft_batch_size / len(ex), "train_loss": sum(run) / len(run),
-                   "eval_loss": eval_sft_loss(model, ev, tok.pad_token_id, device)}
-            history.append(rec)
-            run = []
-            bar.set_postfix(train=f"{rec['train_loss']:.3f}", eval=f"{rec['eval_loss']:.3f}", refresh=False)
+    with stop_cleanly("SFT", cfg, ("sft_batch_size",), lambda: kept_model(cfg.path("actor")), model):
+        for step, idx in enumerate(bar, 1):
+            model.train()
+            loss = sft_loss(wrapped, right_pad_batch([ex[i] for i in my_share(idx)], tok.pad_token_id), device)
+            check_finite(loss, "SFT loss", step)
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            check_finite(grad_norm, "SFT gradient norm", step)      # a finite loss can still give inf gradients
+            opt.step()
+            sched.step()
+            run.append(float(loss.detach()))
+            if step % log_every == 0 or step == len(plan):
+                rec = {"step": step, "epoch": step * cfg.sft_batch_size / len(ex), "train_loss": sum(run) / len(run),
+                       "eval_loss": eval_sft_loss(model, ev, tok.pad_token_id, device)}
+                history.append(rec)
+                run = []
+                bar.set_postfix(train=f"{rec['train_loss']:.3f}", eval=f"{rec['eval_loss']:.3f}", refresh=False)
     model.eval()
     return history
 
 
-def check_finite(loss, what: str, step: int) -> None:
-    """Stop with a clear message on a NaN/inf loss instead of training on garbage."""
-    if not math.isfinite(float(loss.detach() if hasattr(loss, "detach") else loss)):
-        raise FloatingPointError(f"{what} became {float(loss)} at step {step}: lower the learning rate; "
-                                 "the last saved checkpoint is untouched")
+def check_finite(loss, what: str, step) -> None:
+    """Stop with a clear message on a NaN/inf loss instead of training on garbage (`step`: a number or a phrase)."""
+    if loss is None:                            # DeepSpeed clips inside its engine and reports no norm
+        return
+    value = float(loss.detach() if hasattr(loss, "detach") else loss)
+    if not math.isfinite(value):
+        at = f"step {step}" if isinstance(step, int) else step
+        raise FloatingPointError(f"{what} became {value} at {at}, before it reached the weights: "
+                                 "lower the learning rate")
 
 
 # ============================================================================ reward model
@@ -1037,52 +1159,57 @@ def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
 def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 20) -> list[dict]:
     """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up to 200 pairs)."""
     import torch
+    check_not_stopped(model)
+    check_tokenizer_matches(tok, model, cfg)
+    train_rows = fit_rows(tok, train_rows, cfg, ("chosen", "rejected"), "reward-model training pairs")
+    curve_rows = fit_rows(tok, eval_rows[:200], cfg, ("chosen", "rejected"), "reward-model held-out pairs")
     if cfg.rm_freeze_backbone:                  # train the head only (cheap, less overfitting, weaker)
         for p in getattr(model, model.base_model_prefix).parameters():
             p.requires_grad_(False)
     plan = batches(len(train_rows), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
-    curve_rows = eval_rows[:200]
     opt, sched = make_optimizer(model, cfg.rm_lr, len(plan))
     acc = accelerator()
     wrapped, opt = acc.prepare(model, opt)      # same weights; a DDP wrapper only under `accelerate launch`
     history, run = [], []
     bar = progress(plan, desc="reward model")
-    for step, idx in enumerate(bar, 1):
-        model.train()
-        part = [train_rows[i] for i in my_share(idx)]
-        # chosen and rejected in one forward pass: same padding, same batch statistics
-        ids_c, m_c = rm_batch(tok, part, cfg, "chosen")
-        ids_r, m_r = rm_batch(tok, part, cfg, "rejected")
-        n = max(ids_c.shape[1], ids_r.shape[1])
-        pad = lambda t, v: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)
-        ids = torch.cat([pad(ids_c, tok.pad_token_id), pad(ids_r, tok.pad_token_id)]).to(device)
-        mask = torch.cat([pad(m_c, 0), pad(m_r, 0)]).to(device)
-        per_token = token_scores(wrapped, ids, mask)
-        s = at_last_token(per_token, mask)
-        rc, rr = s[:len(part)], s[len(part):]
-        loss = pairwise_loss(rc, rr)
-        if cfg.rm_prefix_weight > 0:
-            # also rank every rejected prefix that already contains the mistake below the chosen answer:
-            # the model is told *where* the error is, not only that the answer is worse overall
-            k = len(part)
-            after = mistake_positions(ids[:k], ids[k:], mask[:k], mask[k:])
-            pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[k:])
-            loss = loss + cfg.rm_prefix_weight * masked_mean(pre, after)
-        check_finite(loss, "reward loss", step)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        run.append((float(loss.detach()), float((rc > rr).float().mean())))
-        if step % log_every == 0 or step == len(plan):
-            c, r = score_pairs(model, tok, curve_rows, cfg, device)
-            rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),
-                   "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c)}
-            history.append(rec)
-            run = []
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}", refresh=False)
+    with stop_cleanly("reward model", cfg, ("rm_batch_size",), lambda: kept_model(cfg.path("critic")), model):
+        for step, idx in enumerate(bar, 1):
+            model.train()
+            part = [train_rows[i] for i in my_share(idx)]
+            # chosen and rejected in one forward pass: same padding, same batch statistics
+            ids_c, m_c = rm_batch(tok, part, cfg, "chosen")
+            ids_r, m_r = rm_batch(tok, part, cfg, "rejected")
+            n = max(ids_c.shape[1], ids_r.shape[1])
+            pad = lambda t, v: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)
+            ids = torch.cat([pad(ids_c, tok.pad_token_id), pad(ids_r, tok.pad_token_id)]).to(device)
+            mask = torch.cat([pad(m_c, 0), pad(m_r, 0)]).to(device)
+            per_token = token_scores(wrapped, ids, mask)
+            s = at_last_token(per_token, mask)
+            rc, rr = s[:len(part)], s[len(part):]
+            loss = pairwise_loss(rc, rr)
+            if cfg.rm_prefix_weight > 0:
+                # also rank every rejected prefix that already contains the mistake below the chosen answer:
+                # the model is told *where* the error is, not only that the answer is worse overall
+                k = len(part)
+                after = mistake_positions(ids[:k], ids[k:], mask[:k], mask[k:])
+                pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[k:])
+                loss = loss + cfg.rm_prefix_weight * masked_mean(pre, after)
+            check_finite(loss, "reward loss", step)
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            check_finite(grad_norm, "reward gradient norm", step)   # a finite loss can still give inf gradients
+            opt.step()
+            sched.step()
+            run.append((float(loss.detach()), float((rc > rr).float().mean())))
+            if step % log_every == 0 or step == len(plan):
+                c, r = score_pairs(model, tok, curve_rows, cfg, device)
+                rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),
+                       "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c)}
+                history.append(rec)
+                run = []
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}", refresh=False)
     model.eval()
     return history
 
@@ -1216,12 +1343,13 @@ def ppo_update(actor, critic, opt_actor, opt_critic, ro: Rollout, advantages, re
             pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
             pg_loss = masked_mean(pg_losses, m)
             loss = pg_loss + cfg.vf_coef * vf_loss
-            check_finite(loss, "PPO loss", epoch)
+            check_finite(loss, "PPO loss", f"epoch {epoch}")
             opt_actor.zero_grad(set_to_none=True)
             opt_critic.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
+                         + torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm))
+            check_finite(grad_norm, "PPO gradient norm", f"epoch {epoch}")  # a finite loss can still give inf gradients
             opt_actor.step()
             opt_critic.step()
             with torch.no_grad():
@@ -1292,9 +1420,13 @@ def save_ppo_checkpoint(path, models, opts, tok, state: dict) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(models["actor"], tok, tmp)      # merged weights when LoRA: what 4_test loads
-    if hasattr(models["actor"], "disable_adapter"):
-        models["actor"].save_pretrained(tmp / "adapter")     # LoRA: the adapters alone, to resume training
+    actor = models["actor"]
+    if hasattr(actor, "disable_adapter"):      # LoRA: the adapters alone (to resume), and merged weights (for 4_test)
+        actor.save_pretrained(tmp / "adapter")
+        import copy
+        actor = copy.deepcopy(actor).merge_and_unload()
+    actor.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
     models["critic"].save_pretrained(tmp / "critic", safe_serialization=True)
     ta, ma = optimizer_to_tensors(opts["actor"], "actor")
     tc, mc = optimizer_to_tensors(opts["critic"], "critic")
@@ -1326,14 +1458,25 @@ def load_ppo_state(path, cfg: Config) -> dict | None:
     return state
 
 
+def kept_checkpoint(path) -> str:
+    """What a stopped PPO run leaves: its last complete checkpoint, which a re-run resumes from."""
+    recover_dir(path)
+    f = Path(path, "state.json")
+    if not f.exists():
+        return f"No PPO checkpoint was saved yet in {path}: re-running starts PPO afresh."
+    it = json.loads(f.read_text())["iteration"]
+    return f"{path} holds the checkpoint of iteration {it}, intact: re-run this cell to resume from it."
+
+
 def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> list[dict]:
     """The PPO loop with periodic atomic checkpoints; re-running resumes from the last one."""
     import torch
     from safetensors.torch import load_file
     out = cfg.path("rlhf")
-    tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
-    _require(cfg.path("critic"), "2_critic.ipynb")
+    tok = load_tokenizer(_require(cfg.path("actor")))
+    _require(cfg.path("critic"))
     rows = rows if rows is not None else load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
+    rows = fit_rows(tok, rows, cfg, (), "PPO prompts")
     state = load_ppo_state(out, cfg)
     if cfg.lora_r > 0:                          # LoRA: SFT weights + adapters (the checkpoint's when resuming)
         from peft import PeftModel
@@ -1345,7 +1488,9 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
               "ref": None if cfg.lora_r > 0 else load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False),
               "critic": load_score_model(out / "critic" if state else cfg.path("critic"), device=device),
               "rm": load_score_model(cfg.path("critic"), device=device).requires_grad_(False)}
-    check_tokenizer_matches(tok, models["actor"])
+    for m in models.values():
+        if m is not None:                       # ref is None with LoRA (the actor with adapters off)
+            check_tokenizer_matches(tok, m, cfg)
     opts = {"actor": make_optimizer(models["actor"], cfg.ppo_lr, 1, warmup=0)[0],
             "critic": make_optimizer(models["critic"], cfg.ppo_vf_lr, 1, warmup=0)[0]}
     history, kl_coef, start = [], cfg.kl_coef, 0
@@ -1357,17 +1502,19 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
         print(f"resuming PPO from iteration {start} (checkpoint in {out}; delete that folder to start over)")
     end = cfg.ppo_iterations if stop_after is None else min(cfg.ppo_iterations, start + stop_after)
     bar = progress(range(start, end), desc="PPO", initial=start, total=cfg.ppo_iterations)
-    for it in bar:
-        set_seed(cfg.seed * 100_003 + it)                  # each iteration is reproducible, resumed or not
-        batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.rollout_batch_size].tolist()]
-        rec = {"iteration": it + 1, **ppo_iteration(models, opts, tok, batch, cfg, kl_coef)}
-        history.append(rec)
-        if cfg.kl_target > 0:
-            kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size)
-        bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.2f}", refresh=False)
-        if (it + 1) % cfg.save_every == 0 or it + 1 == end:
-            save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "inputs": inputs_fingerprint(cfg), "lora_r": cfg.lora_r,
-                                                         "iteration": it + 1, "kl_coef": kl_coef, "history": history})
+    # the models in memory are dropped on a stop: only the checkpoint on disk counts, and a re-run reloads it
+    with stop_cleanly("PPO", cfg, ("rollout_batch_size", "ppo_minibatch_size"), lambda: kept_checkpoint(out)):
+        for it in bar:
+            set_seed(cfg.seed * 100_003 + it)                  # each iteration is reproducible, resumed or not
+            batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.rollout_batch_size].tolist()]
+            rec = {"iteration": it + 1, **ppo_iteration(models, opts, tok, batch, cfg, kl_coef)}
+            history.append(rec)
+            if cfg.kl_target > 0:
+                kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size)
+            bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.2f}", refresh=False)
+            if (it + 1) % cfg.save_every == 0 or it + 1 == end:
+                save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "inputs": inputs_fingerprint(cfg),
+                                                             "lora_r": cfg.lora_r, "iteration": it + 1, "kl_coef": kl_coef, "history": history})
     return history
 
 
@@ -1423,6 +1570,9 @@ def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_log
     """Direct preference optimisation on (prompt, chosen, rejected) against a frozen reference (ref=None: the
     model's own weights with LoRA adapters off); returns the history (held-out stats on up to 200 pairs)."""
     import torch
+    check_not_stopped(model)
+    check_tokenizer_matches(tok, model, cfg)
+    train_rows = fit_rows(tok, train_rows, cfg, ("chosen", "rejected"), "DPO training pairs")
     plan = batches(len(train_rows), cfg.dpo_batch_size, cfg.dpo_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.dpo_lr, len(plan))
@@ -1430,36 +1580,37 @@ def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_log
     wrapped, opt = acc.prepare(model, opt)      # same weights; a DDP wrapper only under `accelerate launch`
     history, run = [], []
     bar = progress(plan, desc="DPO")
-    for step, idx in enumerate(bar, 1):
-        model.train()
-        part = [train_rows[i] for i in my_share(idx)]
-        ids, mask, labels = (t.to(device) for t in pair_batch(tok, part, cfg))
-        with reference_model(model, ref) as r:
-            ref_lp = answer_logprobs(r, ids, mask, labels)
-        lp = answer_logprobs(wrapped, ids, mask, labels)
-        k = len(part)
-        loss, rc, rr = dpo_loss(lp[:k], lp[k:], ref_lp[:k], ref_lp[k:], cfg.dpo_beta, cfg.dpo_loss)
-        if cfg.dpo_sft_weight > 0:
-            # DPO alone may lower the chosen answer's probability too (only the gap counts); an SFT term on
-            # the chosen answer holds it up (per-token mean, as in SFT)
-            n_tokens = (labels[:k, 1:] != -100).sum(1).clamp(min=1)
-            loss = loss + cfg.dpo_sft_weight * (-lp[:k] / n_tokens).mean()
-        check_finite(loss, "DPO loss", step)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        run.append([float(loss.detach()), float((rc > rr).float().mean()), float((rc - rr).mean()),
-                    float(rc.mean()), float(rr.mean())])
-        if step % log_every == 0 or step == len(plan):
-            mean = [sum(col) / len(run) for col in zip(*run)]
-            rec = {"step": step, "epoch": step * cfg.dpo_batch_size / len(train_rows), "train_loss": mean[0],
-                   "train_reward_acc": mean[1], "train_margin": mean[2], "chosen_reward": mean[3],
-                   "rejected_reward": mean[4], **dpo_pair_stats(model, ref, tok, eval_rows[:200], cfg, device)}
-            history.append(rec)
-            run = []
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['eval_reward_acc']:.3f}", refresh=False)
+    with stop_cleanly("DPO", cfg, ("dpo_batch_size",), lambda: kept_model(cfg.path("dpo")), model):
+        for step, idx in enumerate(bar, 1):
+            model.train()
+            part = [train_rows[i] for i in my_share(idx)]
+            ids, mask, labels = (t.to(device) for t in pair_batch(tok, part, cfg))
+            with reference_model(model, ref) as r:
+                ref_lp = answer_logprobs(r, ids, mask, labels)
+            lp = answer_logprobs(wrapped, ids, mask, labels)
+            k = len(part)
+            loss, rc, rr = dpo_loss(lp[:k], lp[k:], ref_lp[:k], ref_lp[k:], cfg.dpo_beta, cfg.dpo_loss)
+            if cfg.dpo_sft_weight > 0:
+                # DPO alone may lower the chosen answer's probability too (only the gap counts); an SFT term on
+                # the chosen answer holds it up (per-token mean, as in SFT)
+                n_tokens = (labels[:k, 1:] != -100).sum(1).clamp(min=1)
+                loss = loss + cfg.dpo_sft_weight * (-lp[:k] / n_tokens).mean()
+            check_finite(loss, "DPO loss", step)
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            check_finite(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm), "DPO gradient norm", step)
+            opt.step()
+            sched.step()
+            run.append([float(loss.detach()), float((rc > rr).float().mean()), float((rc - rr).mean()),
+                        float(rc.mean()), float(rr.mean())])
+            if step % log_every == 0 or step == len(plan):
+                mean = [sum(col) / len(run) for col in zip(*run)]
+                rec = {"step": step, "epoch": step * cfg.dpo_batch_size / len(train_rows), "train_loss": mean[0],
+                       "train_reward_acc": mean[1], "train_margin": mean[2], "chosen_reward": mean[3],
+                       "rejected_reward": mean[4], **dpo_pair_stats(model, ref, tok, eval_rows[:200], cfg, device)}
+                history.append(rec)
+                run = []
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['eval_reward_acc']:.3f}", refresh=False)
     model.eval()
     return history
 
@@ -1525,7 +1676,7 @@ def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config) -> dict:
             check_finite(loss, "GRPO loss", epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
+            check_finite(torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm), "GRPO gradient norm", epoch)
             opt.step()
             stats["loss"].append(float(loss.detach()))
             stats["kl"].append(float(masked_mean(kl.detach(), m, dim=1).mean()))
@@ -1549,12 +1700,13 @@ def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
     opt, _ = make_optimizer(actor, cfg.grpo_lr, 1, warmup=0)
     history = []
     bar = progress(range(cfg.grpo_iterations), desc="GRPO")
-    for it in bar:
-        set_seed(cfg.seed * 100_003 + it)
-        batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.grpo_prompts].tolist()]
-        rec = {"iteration": it + 1, **grpo_iteration(actor, ref, rm, opt, tok, batch, cfg)}
-        history.append(rec)
-        bar.set_postfix(reward=f"{rec['reward']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.3f}", refresh=False)
+    with stop_cleanly("GRPO", cfg, ("grpo_prompts", "grpo_group_size"), lambda: kept_model(cfg.path("grpo")), actor):
+        for it in bar:
+            set_seed(cfg.seed * 100_003 + it)
+            batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.grpo_prompts].tolist()]
+            rec = {"iteration": it + 1, **grpo_iteration(actor, ref, rm, opt, tok, batch, cfg)}
+            history.append(rec)
+            bar.set_postfix(reward=f"{rec['reward']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.3f}", refresh=False)
     return actor, history
 
 
@@ -1568,27 +1720,28 @@ def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str 
     greedy = sample_answers(model, tok, prompts, cfg, greedy=True, desc=f"{desc} greedy")
     per_row = []
     bs = cfg.eval_batch_size
-    for i in progress(range(0, len(rows), bs), desc=f"{desc} sampled", leave=False):
-        part = rows[i:i + bs]
-        qr, pmask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
-        resp = qr[:, lq:]
-        mask = response_mask(resp, tok.eos_token_id)
-        _, has_eos = first_eos_index(resp, tok.eos_token_id)
-        attn = torch.cat([pmask, mask], 1)
-        with torch.no_grad():
-            kl = torch.zeros(len(part))
-            if ref is not None:            # KL(policy || ref) estimated on the policy's own samples (k1, summed)
-                lp, _ = response_logprobs(model, qr, attn, lq, cfg.temperature)
-                rlp, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
-                kl = ((lp - rlp) * mask).sum(1).cpu()
-            score = reward_scores(rm, qr, attn).cpu() if rm is not None else torch.full((len(part),), float("nan"))
-        for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
-            per_row.append({"prompt": r["prompt"], "family": r.get("family", "?"), "gold": r["chosen"].strip(),
-                            "greedy": greedy[i + j].strip(), "sampled": text.strip(),
-                            "greedy_ok": execution_match(r["setup_sql"], r["chosen"], greedy[i + j]),
-                            "sampled_ok": execution_match(r["setup_sql"], r["chosen"], text),
-                            "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
-                            "eos": bool(has_eos[j])})
+    with stop_cleanly(desc, cfg, ("eval_batch_size",)):
+        for i in progress(range(0, len(rows), bs), desc=f"{desc} sampled", leave=False):
+            part = rows[i:i + bs]
+            qr, pmask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
+            resp = qr[:, lq:]
+            mask = response_mask(resp, tok.eos_token_id)
+            _, has_eos = first_eos_index(resp, tok.eos_token_id)
+            attn = torch.cat([pmask, mask], 1)
+            with torch.no_grad():
+                kl = torch.zeros(len(part))
+                if ref is not None:            # KL(policy || ref) estimated on the policy's own samples (k1, summed)
+                    lp, _ = response_logprobs(model, qr, attn, lq, cfg.temperature)
+                    rlp, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
+                    kl = ((lp - rlp) * mask).sum(1).cpu()
+                score = reward_scores(rm, qr, attn).cpu() if rm is not None else torch.full((len(part),), float("nan"))
+            for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
+                per_row.append({"prompt": r["prompt"], "family": r.get("family", "?"), "gold": r["chosen"].strip(),
+                                "greedy": greedy[i + j].strip(), "sampled": text.strip(),
+                                "greedy_ok": execution_match(r["setup_sql"], r["chosen"], greedy[i + j]),
+                                "sampled_ok": execution_match(r["setup_sql"], r["chosen"], text),
+                                "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
+                                "eos": bool(has_eos[j])})
     n = len(per_row)
     summary = {"exec_acc_greedy": sum(r["greedy_ok"] for r in per_row) / n,
                "exec_acc_sampled": sum(r["sampled_ok"] for r in per_row) / n,

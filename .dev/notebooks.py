@@ -165,6 +165,8 @@ print(f"{len(train)} training demos, {len(evalset)} held-out prompts")'''),
     md("What the model sees for one example: every token, and its label (`-100` = no loss)."),
     code('''ids, labels = util.sft_example(tok, train[0]["prompt"], train[0]["response"], cfg.max_prompt_tokens, cfg.max_response_tokens)
 pd.DataFrame({"token": tok.convert_ids_to_tokens(ids), "label": labels}).T'''),
+    md("Stopping this cell (the stop button, Ctrl-C) keeps `model/actor/` as it was; to train again, re-run from "
+       "the cell that loads the model."),
     code('''t0 = time.time()
 history = util.train_sft(model, tok, train, evalset, cfg, device)
 sft_seconds = time.time() - t0
@@ -213,7 +215,7 @@ train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
 evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
 # tiny: start from the SFT actor's backbone; opt: from facebook/opt-125m
 init = cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor")
-rm = util.load_score_model(init, stage="1_actor.ipynb", device=device)
+rm = util.load_score_model(init, device=device)
 print("initialised from", init)'''),
     md("The pooling index: the same two answers, padded left and right, give the same scores."),
     code('''import torch
@@ -225,6 +227,7 @@ print("last-token index, right padding:", util.last_token_index(mask_r).tolist()
 with torch.no_grad():
     print("scores right:", util.reward_scores(rm, ids_r.to(device), mask_r.to(device)).tolist())
     print("scores left: ", util.reward_scores(rm, ids_l.to(device), mask_l.to(device)).tolist())'''),
+    md("Stopping this cell keeps `model/critic/` as it was; to train again, re-run from the cell that loads the model."),
     code('''t0 = time.time()
 history = util.train_reward(rm, tok, train, evalset, cfg, device)
 rm_seconds = time.time() - t0

@@ -12,6 +12,10 @@ os.environ.setdefault("RLHF_OUT", tempfile.mkdtemp(prefix="rlhf-test-"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs every notebook (about a minute); -m 'not slow' skips it")
+
+
 @pytest.fixture(scope="session")
 def tok():
     import util
