@@ -767,12 +767,14 @@ def orchestrate(a) -> int:
     cfg = util.get_config(spec["preset"])
     pairs = {}
     skipped = {}
+    sides = {"sft": ["ours", "trl"], "rm": ["ours", "trl", "ours_prefix"], "ppo": ["ours", "trl"]}
     for pr in PAIRS:
         if pr.needs and not hasattr(util, pr.needs):
             skipped[pr.name] = f"util.{pr.needs} does not exist yet; hook in bench/bench.py PAIRS"
+        elif pr.name not in sides:          # the stage exists, its benchmark workers are not written yet
+            skipped[pr.name] = f"{pr.ours} exists but its workers against {pr.trl} are not written yet (PAIRS)"
         elif pr.name in a.only or not a.only:
             pairs[pr.name] = pr
-    sides = {"sft": ["ours", "trl"], "rm": ["ours", "trl", "ours_prefix"], "ppo": ["ours", "trl"]}
     runs = {n: {s: [] for s in sides[n]} for n in pairs}
     gens = []
     for rnd in range(spec["rounds"]):
