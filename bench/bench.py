@@ -436,6 +436,8 @@ def w_gen(spec, seed, work, start: Path) -> dict:
     names = list(variants)
     enc_times = []
     for rep in range(spec["gen_repeats"] + 1):            # repetition 0 warms up and is not counted
+        if rep == 1:
+            timings.clear()                                # rollout phases: counted repetitions only
         t0 = time.perf_counter()
         util.encode_prompts(tok, prompts, cfg.max_prompt_tokens)   # the only work util.generate adds to bare
         if rep:
@@ -463,7 +465,7 @@ def w_gen(spec, seed, work, start: Path) -> dict:
                "tokens_per_s": statistics.median(t / s for t, s in zip(tokens[k], times[k]))} for k in variants}
     return {"batch": len(prompts), "max_new_tokens": cfg.max_response_tokens, "repeats": n_calls, "variants": res,
             "ours_equals_bare_tokens": same, "encode_prompts_s_median": statistics.median(enc_times),
-            "rollout_phases_s_per_call": {k: v / (n_calls + 1) for k, v in timings.items()},
+            "rollout_phases_s_per_call": {k: v / n_calls for k, v in timings.items()},
             "rm_score_max_abs_diff_trl_vs_ours": float((ours_score - trl_score).abs().max()),
             "peak_rss_mb": peak_rss_mb()}
 
