@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 # The slice of work each side does per round. Identical for both sides; rates are reported per unit of work.
 SPECS = {
-    "full": dict(preset="tiny", rounds=3, sft_epochs=0.5, rm_epochs=0.5, ppo_batches=12, n_eval=600, gen_repeats=5,
+    "full": dict(preset="tiny", rounds=3, sft_epochs=0.5, rm_epochs=0.5, ppo_batches=12, n_eval=600, gen_repeats=12,
                  out="out", results="results"),
     "quick": dict(preset="smoke", rounds=2, sft_epochs=1.0, rm_epochs=1.0, ppo_batches=2, n_eval=16, gen_repeats=2,
                   out="out-quick", results="results-quick"),
@@ -434,7 +434,14 @@ def w_gen(spec, seed, work, start: Path) -> dict:
     tokens = {k: [] for k in variants}
     outputs = {}
     names = list(variants)
+    enc_times = []
     for rep in range(spec["gen_repeats"] + 1):            # repetition 0 warms up and is not counted
+        if rep == 1:
+            timings.clear()                                # rollout phases: counted repetitions only
+        t0 = time.perf_counter()
+        util.encode_prompts(tok, prompts, cfg.max_prompt_tokens)   # the only work util.generate adds to bare
+        if rep:
+            enc_times.append(time.perf_counter() - t0)
         for k in names[rep % len(names):] + names[:rep % len(names)]:   # rotate the order
             torch.manual_seed(seed * 7919 + rep)
             t0 = time.perf_counter()
@@ -457,8 +464,8 @@ def w_gen(spec, seed, work, start: Path) -> dict:
     res = {k: {"seconds_median": statistics.median(times[k]), "tokens_median": statistics.median(tokens[k]),
                "tokens_per_s": statistics.median(t / s for t, s in zip(tokens[k], times[k]))} for k in variants}
     return {"batch": len(prompts), "max_new_tokens": cfg.max_response_tokens, "repeats": n_calls, "variants": res,
-            "ours_equals_bare_tokens": same,
-            "rollout_phases_s_per_call": {k: v / (n_calls + 1) for k, v in timings.items()},
+            "ours_equals_bare_tokens": same, "encode_prompts_s_median": statistics.median(enc_times),
+            "rollout_phases_s_per_call": {k: v / n_calls for k, v in timings.items()},
             "rm_score_max_abs_diff_trl_vs_ours": float((ours_score - trl_score).abs().max()),
             "peak_rss_mb": peak_rss_mb()}
 
@@ -534,7 +541,7 @@ def run_worker(task: str, side: str, seed: int, spec_name: str, logs: Path, tag:
 
 def start_fingerprint(spec: dict) -> str:
     """Starting points are reused only if util.py, the data and the tokenizer are unchanged."""
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({k: spec[k] for k in ("preset", "rounds", "n_eval")}, sort_keys=True).encode())
     for p in [ROOT / "util.py", ROOT / "dataset" / "train.json", ROOT / "dataset" / "eval.json",
               ROOT / "tokenizer" / "tokenizer.json"]:
         h.update(p.read_bytes())
@@ -682,6 +689,12 @@ def write_markdown(res: dict, path: Path) -> str:
             x = v[k]
             lines.append(f"| {label[k]} | {x['tokens_per_s']:.0f} | {x['seconds_median']:.3f} | "
                          f"{(base / x['tokens_per_s'] - 1) * 100:+.1f} % |")
+        lines += ["", f"Same tokens from `util.generate` and bare `generate` (same seed): {g['ours_equals_bare_tokens']}. "
+                  f"What `util.generate` adds, `util.encode_prompts` for the batch: "
+                  f"{g['encode_prompts_s_median'] * 1000:.1f} ms. Full rollout per batch: " + ", ".join(
+                      f"{k} {v:.3f} s" for k, v in g["rollout_phases_s_per_call"].items())
+                  + " (score = 4 forward passes, decode, sqlite). TRL's `get_reward` and `util.reward_scores` "
+                  f"agree on the same batch to {g['rm_score_max_abs_diff_trl_vs_ours']:.1e}."]
     lines += ["", "Not identical between the two sides:", ""] + [f"* {x}" for x in NOT_IDENTICAL]
     lines += ["", "Targets:", ""]
     for name, t in res["targets"].items():
@@ -808,6 +821,7 @@ def orchestrate(a) -> int:
                     for k in gens[0]["variants"]}
         res["gen"] = {**{k: gens[0][k] for k in ("batch", "max_new_tokens", "repeats")}, "variants": variants,
                       "ours_equals_bare_tokens": all(g["ours_equals_bare_tokens"] for g in gens),
+                      "encode_prompts_s_median": median([g["encode_prompts_s_median"] for g in gens]),
                       "rollout_phases_s_per_call": {k: median([g["rollout_phases_s_per_call"][k] for g in gens])
                                                     for k in gens[0]["rollout_phases_s_per_call"]},
                       "rm_score_max_abs_diff_trl_vs_ours": max(g["rm_score_max_abs_diff_trl_vs_ours"] for g in gens),

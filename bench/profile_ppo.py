@@ -8,7 +8,9 @@ Writes bench/profile.md and bench/profile.json:
      matrix multiplies, attention, softmax family, optimizer, the rest; the same for TRL's PPOTrainer.train();
   2. candidate fix A, util.encode_prompts tokenising the batch in one call: util.generate vs bare generate;
   3. candidate fix B, util.response_logprobs asking the model for the response positions' logits only
-     (transformers' logits_to_keep): PPO seconds per rollout batch, and the largest log-prob difference.
+     (transformers' logits_to_keep): PPO seconds per rollout batch, and the largest log-prob difference;
+  4. candidate fix C, util.sft_loss applying the LM head and the cross-entropy at the response positions only.
+`profile_ppo.py fix_c` (or any of the part names) runs one part and prints it.
 """
 from __future__ import annotations
 
@@ -227,12 +229,56 @@ def fix_b(n_batches: int = 6, repeats: int = 2) -> dict:
             "rollout_gold_acc_per_iteration": gold}
 
 
+def sft_loss_response_only(model, batch, device):
+    """Fix C: the LM head and the cross-entropy at the response positions only (labels != -100), not at every
+    prompt and pad position; the same mean over response tokens as transformers' loss."""
+    import torch.nn.functional as F
+    ids, mask, labels = (t.to(device) for t in batch)
+    hidden = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), target[keep])
+
+
+def fix_c(epochs: float = 0.25, repeats: int = 2) -> dict:
+    import torch
+    import util
+    cfg = bench.make_cfg(SPEC, 0, START)
+    cfg.sft_epochs = epochs
+    train, ev = bench.load_data(cfg)
+    tok = util.load_tokenizer(START / "base_actor")
+    m = util.load_causal_lm(START / "base_actor")
+    b = util.right_pad_batch([util.sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens,
+                                               cfg.max_response_tokens) for r in train[:32]], tok.pad_token_id)
+    with torch.no_grad():
+        diff = abs(float(util.sft_loss(m, b, "cpu")) - float(sft_loss_response_only(m, b, "cpu")))
+    original = util.sft_loss
+    times, loss = {"as is": [], "fix C": []}, {"as is": [], "fix C": []}
+    for rep in range(repeats):
+        for k in (("as is", "fix C") if rep % 2 == 0 else ("fix C", "as is")):
+            util.sft_loss = sft_loss_response_only if k == "fix C" else original
+            model = util.load_causal_lm(START / "base_actor")
+            t0 = time.perf_counter()
+            util.train_sft(model, tok, train, ev, cfg, "cpu", n_logs=1)
+            times[k].append((time.perf_counter() - t0) / epochs)
+            util.sft_loss = original
+            loss[k].append(bench.sft_quality(model, tok, ev, cfg)["heldout_loss"])
+    return {"loss_abs_diff_one_batch": diff, "epochs": epochs, "repeats": repeats,
+            "s_per_epoch_median": {k: statistics.median(v) for k, v in times.items()},
+            "heldout_loss": loss}
+
+
 def main() -> int:
     bench.quiet()
     if not (START / "critic").exists():
         print("run `make bench` first (it trains the starting points into bench/out/start)")
         return 1
-    res = {"ours": profile_ours(), "trl": profile_trl(), "fix_a": fix_a(), "fix_b": fix_b()}
+    only = sys.argv[1:]
+    if only:                                # e.g. `profile_ppo.py fix_c`: one part, printed
+        print(json.dumps({k: globals()[k]() for k in only}, indent=1, default=str))
+        return 0
+    res = {"ours": profile_ours(), "trl": profile_trl(), "fix_a": fix_a(), "fix_b": fix_b(), "fix_c": fix_c()}
     Path(BENCH / "profile.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "top_ops"}
                                                         for k, v in res.items()}, indent=1))
     o, t = res["ours"], res["trl"]
@@ -254,6 +300,11 @@ def main() -> int:
               f"Largest log-prob difference against the full logits: {b['max_abs_logprob_diff']:.2e}. "
               f"util.train_ppo, {b['batches']} rollout batches, {b['repeats']} runs each, interleaved: " + ", ".join(
                   f"{k} {v:.2f} s/batch" for k, v in b["s_per_batch_median"].items()) + ".", "",
+              "## Candidate fix C (SFT): `util.sft_loss` applies the LM head at the response positions only", "",
+              f"Loss difference on one batch: {res['fix_c']['loss_abs_diff_one_batch']:.2e}. util.train_sft, "
+              f"{res['fix_c']['epochs']} epoch, {res['fix_c']['repeats']} runs each, interleaved: " + ", ".join(
+                  f"{k} {v:.1f} s/epoch" for k, v in res["fix_c"]["s_per_epoch_median"].items())
+              + "; held-out loss " + ", ".join(f"{k} {v}" for k, v in res["fix_c"]["heldout_loss"].items()) + ".", "",
               "## Top ops, ours", "", "```", o["top_ops"], "```", "", "## Top ops, TRL", "", "```", t["top_ops"], "```"]
     Path(BENCH / "profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:40]))
