@@ -540,7 +540,7 @@ def test_colab_setup_cell_installs_without_touching_torch(tmp_path):
 @pytest.mark.slow
 def test_notebooks_run_in_a_real_jupyter_server(tmp_path):
     """Start `jupyter server`, open a session per notebook over its REST API and run every code cell over the
-    kernel websocket, in order 0 -> 4 (smoke preset, outputs in a temp dir); no cell may raise."""
+    kernel websocket, in `make run`'s order (smoke preset, outputs in a temp dir); no cell may raise."""
     import secrets
     import socket
     import urllib.request
@@ -576,7 +576,8 @@ def test_notebooks_run_in_a_real_jupyter_server(tmp_path):
                 assert server.poll() is None, (tmp_path / "server.log").read_text()
                 time.sleep(0.1)
         ran = {}
-        for nb in ("0_download.ipynb", "1_actor.ipynb", "2_critic.ipynb", "3_rlhf.ipynb", "4_test.ipynb"):
+        order = ("0_download", "1_actor", "2_critic", "3_rlhf", "5_dpo", "6_grpo", "4_test")   # as `make run`
+        for nb in (f"{name}.ipynb" for name in order):
             cells = [c["source"] for c in api("GET", f"/api/contents/{nb}?content=1")["content"]["cells"]
                      if c["cell_type"] == "code"]
             session = api("POST", "/api/sessions", {"path": nb, "name": nb, "type": "notebook",
@@ -610,9 +611,9 @@ def test_notebooks_run_in_a_real_jupyter_server(tmp_path):
                 ws.close()
                 api("DELETE", f"/api/sessions/{session['id']}")
             ran[nb] = len(cells)
-        assert all(ran.values()) and len(ran) == 5
+        assert all(ran.values()) and len(ran) == 7
         report = json.loads((tmp_path / "out" / "report.json").read_text())
-        assert report["preset"] == "smoke" and {"SFT", "RLHF (PPO)"} <= set(report["models"])
+        assert report["preset"] == "smoke" and set(report["models"]) == {"SFT", "RLHF (PPO)", "DPO", "GRPO"}
     finally:
         server.send_signal(signal.SIGTERM)
         try:
