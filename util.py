@@ -1136,6 +1136,13 @@ def rm_batch(tok, rows, cfg: Config, key: str):
     return ids, mask
 
 
+def pair_batch(tok, rows, cfg: Config):
+    """One right-padded SFT-style batch: the chosen answers of `rows`, then their rejected answers."""
+    ex = [sft_example(tok, r["prompt"], r[k], cfg.max_prompt_tokens, cfg.max_response_tokens)
+          for k in ("chosen", "rejected") for r in rows]
+    return right_pad_batch(ex, tok.pad_token_id)
+
+
 def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config, device, normalized=True, batch_size=128):
     """Reward of each (prompt, answer) pair."""
     import torch
@@ -1178,12 +1185,7 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
             model.train()
             part = [train_rows[i] for i in my_share(idx)]
             # chosen and rejected in one forward pass: same padding, same batch statistics
-            ids_c, m_c = rm_batch(tok, part, cfg, "chosen")
-            ids_r, m_r = rm_batch(tok, part, cfg, "rejected")
-            n = max(ids_c.shape[1], ids_r.shape[1])
-            pad = lambda t, v: torch.nn.functional.pad(t, (0, n - t.shape[1]), value=v)
-            ids = torch.cat([pad(ids_c, tok.pad_token_id), pad(ids_r, tok.pad_token_id)]).to(device)
-            mask = torch.cat([pad(m_c, 0), pad(m_r, 0)]).to(device)
+            ids, mask, _ = (t.to(device) for t in pair_batch(tok, part, cfg))
             per_token = token_scores(wrapped, ids, mask)
             s = at_last_token(per_token, mask)
             rc, rr = s[:len(part)], s[len(part):]
@@ -1526,13 +1528,6 @@ def answer_logprobs(model, ids, mask, labels):
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]    # position t predicts token t+1
     target = labels[:, 1:]
     return (logprobs_from_logits(logits, target.clamp(min=0)) * (target != -100)).sum(1)
-
-
-def pair_batch(tok, rows, cfg: Config):
-    """One right-padded SFT-style batch: the chosen answers of `rows`, then their rejected answers."""
-    ex = [sft_example(tok, r["prompt"], r[k], cfg.max_prompt_tokens, cfg.max_response_tokens)
-          for k in ("chosen", "rejected") for r in rows]
-    return right_pad_batch(ex, tok.pad_token_id)
 
 
 def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid"):
