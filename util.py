@@ -48,11 +48,12 @@ class Config:
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     # reward model
-    rm_epochs: float = 2.0
+    rm_epochs: float = 3.0
     rm_batch_size: int = 32
     rm_lr: float = 1e-3
     rm_freeze_backbone: bool = False
     rm_prefix_weight: float = 1.0
+    rm_max_rejected: int = 1                    # rejected answers per prompt: the row's own, then its more_rejected
     # PPO
     ppo_iterations: int = 60
     rollout_batch_size: int = 64
@@ -427,7 +428,8 @@ def make_row(rng: random.Random, family: str) -> dict | None:
     rejected = special if special and rng.random() < 0.5 else rng.choice(wrong)
     response = habit if habit and rng.random() < HABIT_RATE else gold
     return {"prompt": format_prompt(_create_sql(t), q), "chosen": " " + gold, "rejected": " " + rejected,
-            "response": " " + response, "family": family, "setup_sql": setup}
+            "response": " " + response, "family": family, "setup_sql": setup,
+            "more_rejected": [" " + s for s in wrong if s != rejected]}
 
 
 def make_dataset(n_train: int = 6000, n_eval: int = 800, seed: int = 1234) -> tuple[list[dict], list[dict]]:
@@ -530,6 +532,9 @@ def load_rows(path, required=("prompt", "chosen", "rejected"), skip_bad: bool = 
                 if field in required and not value.strip():
                     raise DataError(f"{path}:{line}: field '{name}' is empty")
                 row[field] = value
+            extra = row.get("more_rejected")
+            if extra is not None and not (isinstance(extra, list) and all(isinstance(a, str) and a.strip() for a in extra)):
+                raise DataError(f"{path}:{line}: field 'more_rejected' must be a list of non-empty strings")
             rows.append(row)
         except DataError as e:
             if not skip_bad:
@@ -637,13 +642,17 @@ def encode_response(tok, response: str) -> list[int]:
 def fit_rows(tok, rows: list[dict], cfg: Config, answers=("response",), what: str = "rows") -> list[dict]:
     """The rows whose answers fit max_response_tokens; over-long ones are skipped (a cut answer has no EOS to
     learn) and over-long prompts are cut to their last max_prompt_tokens tokens, both counted and printed."""
-    keep, long_prompts = [], 0
+    keep, long_prompts, long_extra = [], 0, 0
     for i, r in enumerate(rows):
         missing = [k for k in answers if not isinstance(r.get(k), str)]
         if missing:
             raise DataError(f"{what}: row {i} has no {missing[0]!r} field (this stage needs {list(answers)})")
         long_prompts += len(encode_prompt(tok, r["prompt"])) > cfg.max_prompt_tokens
         if all(len(encode_response(tok, r[k])) <= cfg.max_response_tokens for k in answers):
+            if "rejected" in answers and r.get("more_rejected"):     # extra rejected answers: keep those that fit
+                fit = [a for a in r["more_rejected"] if len(encode_response(tok, a)) <= cfg.max_response_tokens]
+                long_extra += len(r["more_rejected"]) - len(fit)
+                r = {**r, "more_rejected": fit}
             keep.append(r)
     if long_prompts:
         print(f"{what}: {long_prompts} of {len(rows)} prompts are longer than max_prompt_tokens="
@@ -651,6 +660,9 @@ def fit_rows(tok, rows: list[dict], cfg: Config, answers=("response",), what: st
     if len(keep) < len(rows):
         print(f"{what}: skipped {len(rows) - len(keep)} of {len(rows)} rows whose {'/'.join(answers)} is longer "
               f"than max_response_tokens={cfg.max_response_tokens} tokens with EOS (raise it to keep them)")
+    if long_extra:
+        print(f"{what}: skipped {long_extra} more_rejected answers longer than max_response_tokens="
+              f"{cfg.max_response_tokens} tokens with EOS (raise it to keep them)")
     if rows and not keep:
         raise DataError(f"{what}: every row is longer than max_response_tokens={cfg.max_response_tokens}")
     return keep
@@ -1088,14 +1100,14 @@ def last_token_index(attention_mask):
     return (pos[None] * attention_mask).argmax(1)
 
 
-def token_scores(model, input_ids, attention_mask):
+def token_scores(model, input_ids, attention_mask, past_key_values=None):
     """The scalar head applied at every position: per-token values for the PPO critic."""
     # the model's own output keeps the last position only, so catch the head's full output during an ordinary
     # forward: the call still goes through an accelerate (DDP) wrapper, which syncs gradients only that way
     seen = []
     hook = unwrap(model).score.register_forward_hook(lambda module, inputs, output: seen.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
+        model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values)
     finally:
         hook.remove()
     return seen[-1].squeeze(-1)
@@ -1143,6 +1155,34 @@ def pair_batch(tok, rows, cfg: Config):
     return right_pad_batch(ex, tok.pad_token_id)
 
 
+def ranking_batch(tok, rows, cfg: Config):
+    """Each prompt once, left-padded, and its answers [chosen, rejected, *more_rejected] (up to rm_max_rejected
+    rejected), right-padded with EOS: (prompt ids, prompt mask, answer ids, answer mask, row of each answer,
+    and for each pair the index of its chosen and of its rejected answer)."""
+    import torch
+    prompt_ids, prompt_mask = encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_tokens)
+    answers, owner, chosen, rejected = [], [], [], []
+    for i, r in enumerate(rows):
+        first = len(answers)
+        for j, text in enumerate([r["chosen"], r["rejected"], *r.get("more_rejected", [])][:cfg.rm_max_rejected + 1]):
+            if j:
+                chosen.append(first)
+                rejected.append(len(answers))
+            answers.append(encode_response(tok, text)[:cfg.max_response_tokens])
+            owner.append(i)
+    ids, mask, _ = right_pad_batch([(a, a) for a in answers], tok.pad_token_id)
+    return prompt_ids, prompt_mask, ids, mask, torch.tensor(owner), torch.tensor(chosen), torch.tensor(rejected)
+
+
+def shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner):
+    """Per-token scores of answers that share prompts: each prompt runs through the model once and its cached
+    keys/values serve all its answers (InstructGPT's trick: K answers cost one prompt, not K)."""
+    import torch
+    cache = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True).past_key_values
+    cache.batch_select_indices(owner)           # one copy of the prompt's keys/values per answer
+    return token_scores(model, ids, torch.cat([prompt_mask[owner], mask], 1), past_key_values=cache)
+
+
 def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config, device, normalized=True, batch_size=128):
     """Reward of each (prompt, answer) pair."""
     import torch
@@ -1157,13 +1197,21 @@ def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config,
 
 
 def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
-    """(chosen scores, rejected scores), raw, for many rows, no gradient."""
-    prompts = [r["prompt"] for r in rows]
-    return tuple(score_texts(model, tok, prompts, [r[k] for r in rows], cfg, device, normalized=False,
-                             batch_size=batch_size) for k in ("chosen", "rejected"))
+    """(chosen scores, rejected scores), raw, for many rows, no gradient; each prompt is read once."""
+    import torch
+    one_pair = dataclasses.replace(cfg, rm_max_rejected=1)
+    model.eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in ranking_batch(tok, rows[i:i + batch_size], one_pair))
+            s = at_last_token(shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner), mask)
+            chosen += s[c].tolist()
+            rejected += s[r].tolist()
+    return chosen, rejected
 
 
-def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 20) -> list[dict]:
+def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 10) -> list[dict]:
     """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up to 200 pairs)."""
     import torch
     check_not_stopped(model)
@@ -1184,18 +1232,17 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
         for step, idx in enumerate(bar, 1):
             model.train()
             part = [train_rows[i] for i in my_share(idx)]
-            # chosen and rejected in one forward pass: same padding, same batch statistics
-            ids, mask, _ = (t.to(device) for t in pair_batch(tok, part, cfg))
-            per_token = token_scores(wrapped, ids, mask)
+            # every answer of a prompt (chosen, its rejected ones) in one pass that reads the prompt once
+            prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in ranking_batch(tok, part, cfg))
+            per_token = shared_prompt_scores(wrapped, prompt_ids, prompt_mask, ids, mask, owner)
             s = at_last_token(per_token, mask)
-            rc, rr = s[:len(part)], s[len(part):]
+            rc, rr = s[c], s[r]                 # one (chosen, rejected) pair per rejected answer
             loss = pairwise_loss(rc, rr)
             if cfg.rm_prefix_weight > 0:
                 # also rank every rejected prefix that already contains the mistake below the chosen answer:
                 # the model is told *where* the error is, not only that the answer is worse overall
-                k = len(part)
-                after = mistake_positions(ids[:k], ids[k:], mask[:k], mask[k:])
-                pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[k:])
+                after = mistake_positions(ids[c], ids[r], mask[c], mask[r])
+                pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[r])
                 loss = loss + cfg.rm_prefix_weight * masked_mean(pre, after)
             check_finite(loss, "reward loss", step)
             opt.zero_grad(set_to_none=True)

@@ -235,6 +235,7 @@ def w_rm_ours(spec, seed, work, start: Path, prefix: bool = False) -> dict:
     cfg.rm_epochs = spec["rm_epochs"]
     if not prefix:
         cfg.rm_prefix_weight = 0.0          # TRL's objective: the pairwise loss at the EOS only
+        cfg.rm_max_rejected = 1             # and TRL's pairs: each row's own rejected answer, not more_rejected
     train, ev = load_data(cfg)
     tok = util.load_tokenizer(start / "actor")
     util.set_seed(seed)                     # the fresh score head is drawn from the RNG: same draw on both sides
@@ -618,8 +619,11 @@ NOT_IDENTICAL = [
     "SFT/RM: ours includes its own tokenisation and one held-out check (200 rows) at the end of training; TRL's time "
     "includes building its dataset from our token ids and the trainer's set-up. TRL computes its per-step "
     "metrics (entropy, token accuracy / reward stats) as it does by default.",
-    "RM: our default recipe adds a rejected-prefix ranking term (rm_prefix_weight=1); TRL has no such term, so the "
-    "pair runs ours with rm_prefix_weight=0, and our default recipe is shown in an extra row.",
+    "RM: our default recipe adds a rejected-prefix ranking term (rm_prefix_weight=1) and also ranks each row's "
+    "more_rejected answers below its chosen one (about 5 pairs a prompt instead of 1); TRL has neither, so the pair "
+    "runs ours with rm_prefix_weight=0 and rm_max_rejected=1, and our default recipe is shown in an extra row. "
+    "Ours reads each prompt once for its chosen and rejected answers (shared keys/values); TRL runs both "
+    "full sequences.",
     "Made identical on purpose (TRL's defaults differ): our AdamW and LR schedule objects are passed to the TRL "
     "trainers; fp32 (TRL defaults to bf16), no gradient checkpointing (TRL defaults to it), the plain NLL loss "
     "(SFTTrainer defaults to a chunked one), TRL's sampler set to sequential over our batch order.",
@@ -659,7 +663,7 @@ def write_markdown(res: dict, path: Path) -> str:
                      f"{fmt(r['quality_median']['heldout_pair_acc'], 3)} |")
         if "ours_prefix" in p["rm"]:
             x = p["rm"]["ours_prefix"]
-            lines.append(f"| (ours, default recipe: + prefix loss) | same | {fmt(x['seconds_per_unit_median'], 1)} "
+            lines.append(f"| (ours, default recipe: + prefix loss, + more_rejected) | same | {fmt(x['seconds_per_unit_median'], 1)} "
                          f"s/epoch | | | {x['peak_rss_mb_median']:.0f} MiB | | pair acc. "
                          f"{fmt(x['quality_median']['heldout_pair_acc'], 3)} | |")
     if "ppo" in p:

@@ -26,6 +26,8 @@ def test_every_chosen_runs_and_every_rejected_differs(full):
             gold = util.execute_sql(r["setup_sql"], r["chosen"])
             assert gold not in (None, [], [(None,)]), r["chosen"]
             assert util.execute_sql(r["setup_sql"], r["rejected"]) != gold, r["rejected"]
+            for other in r["more_rejected"]:                              # every extra rejected answer is wrong too
+                assert util.execute_sql(r["setup_sql"], other) != gold and other != r["rejected"], other
 
 
 def test_variety_sizes_and_split(full):
@@ -107,6 +109,8 @@ def test_loader_aliases(tmp_path):
     ({"prompt": "p", "chosen": "  ", "rejected": "r"}, "bad.jsonl:2: field 'chosen' is empty"),
     ({"prompt": 3, "chosen": "c", "rejected": "r"}, "bad.jsonl:2: field 'prompt' must be a string"),
     ([1, 2], "bad.jsonl:2: expected a JSON object"),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", "more_rejected": "x"}, "bad.jsonl:2: field 'more_rejected' must be"),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", "more_rejected": ["x", ""]}, "bad.jsonl:2: field 'more_rejected' must be"),
 ])
 def test_loader_bad_rows_name_file_line_field(tmp_path, bad, message, capsys):
     path = _jsonl(tmp_path / "bad.jsonl", [ROW, bad, ROW])
@@ -141,3 +145,12 @@ def test_shipped_tokenizer_is_reproducible(rows, tmp_path):
     full = util.load_rows(ROOT / "dataset" / "train.json")
     util.train_tokenizer(full, tmp_path)
     assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads((ROOT / "tokenizer" / "tokenizer.json").read_text())
+
+
+def test_fit_rows_drops_only_the_overlong_extra_rejected(tok, capsys):
+    cfg = util.get_config("smoke", max_response_tokens=6)
+    row = {"prompt": "Human: q Assistant:", "chosen": " SELECT 1", "rejected": " SELECT 2",
+           "more_rejected": [" SELECT 3", " SELECT a FROM b WHERE c = 1 AND d = 2"]}
+    kept = util.fit_rows(tok, [row], cfg, ("chosen", "rejected"))
+    assert kept[0]["more_rejected"] == [" SELECT 3"] and len(row["more_rejected"]) == 2   # the input is not changed
+    assert "skipped 1 more_rejected answers" in capsys.readouterr().out

@@ -63,6 +63,27 @@ def test_reward_score_same_under_left_and_right_padding(tok, micro_dirs, rows):
         assert torch.allclose(util.reward_scores(rm, ids_r, mask_r), right - 0.5, atol=1e-6)
 
 
+def test_shared_prompt_scores_equal_full_forward(tok, micro_dirs, rows):
+    rm = util.load_score_model(micro_dirs.path("critic"))
+    part = [dict(rows[0], more_rejected=[" SELECT", " SELECT name FROM x"]), dict(rows[1], more_rejected=[]),
+            {k: v for k, v in rows[2].items() if k != "more_rejected"}]                # user data without the field
+    cfg = util.get_config("smoke", rm_max_rejected=8)
+    p_ids, p_mask, ids, mask, owner, c, r = util.ranking_batch(tok, part, cfg)
+    # answers: row 0 chosen, rejected, 2 more; row 1 chosen, rejected; row 2 chosen, rejected
+    assert owner.tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert c.tolist() == [0, 0, 0, 4, 6] and r.tolist() == [1, 2, 3, 5, 7]
+    texts = [a for row in part for a in [row["chosen"], row["rejected"], *row.get("more_rejected", [])]]
+    full_ids, full_mask = util.rm_batch(tok, [{"prompt": part[o]["prompt"], "x": t} for o, t in zip(owner.tolist(), texts)],
+                                        cfg, "x")
+    with torch.no_grad():
+        full = util.reward_scores(rm, full_ids, full_mask, normalized=False)
+        shared = util.at_last_token(util.shared_prompt_scores(rm, p_ids, p_mask, ids, mask, owner), mask)
+    assert torch.allclose(shared, full, atol=1e-5)                     # the prompt read once gives the same scores
+    # the default rm_max_rejected=1 keeps only each row's own rejected answer
+    capped = util.ranking_batch(tok, part, util.get_config("smoke"))
+    assert capped[4].tolist() == [0, 0, 1, 1, 2, 2]
+
+
 def test_mistake_positions():
     pad = 0
     chosen = torch.tensor([[5, 6, 7, 2, pad], [5, 6, 7, 8, 2]])
