@@ -451,10 +451,10 @@ def w_dpo_trl(spec, seed, work, start: Path) -> dict:
     t2 = time.perf_counter()
     peak = peak_rss_mb()
     model.eval()
-    p = trainer.train_dataset
-    same = all(p[i]["prompt_ids"] == util.encode_prompt(tok, r["prompt"])[-cfg.max_prompt_tokens:]
-               and p[i]["chosen_ids"] == util.encode_response(tok, r["chosen"])
-               and p[i]["rejected_ids"] == util.encode_response(tok, r["rejected"]) for i, r in enumerate(order))
+    d = trainer.train_dataset
+    same = all(p == util.encode_prompt(tok, r["prompt"])[-cfg.max_prompt_tokens:]
+               and c == util.encode_response(tok, r["chosen"]) and x == util.encode_response(tok, r["rejected"])
+               for p, c, x, r in zip(d["prompt_ids"], d["chosen_ids"], d["rejected_ids"], order, strict=True))
     return {"seconds": t2 - t0, "seconds_train_call": t2 - t1, "seconds_init": t1 - t0,
             "units": cfg.dpo_epochs, "steps": trainer.state.global_step, "rss_start_mb": rss0,
             "peak_rss_mb": peak, "same_token_ids": same, "quality": dpo_quality(model, tok, ev, cfg, start, seed)}
