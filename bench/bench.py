@@ -940,10 +940,10 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     p = res["pairs"]
     names = [n for n in ("sft", "rm", "ppo", "dpo", "grpo") if n in p]
-    labels = {"sft": "SFT\n(s / epoch)", "rm": "reward model\n(s / epoch)", "ppo": "PPO\n(s / rollout batch)",
+    labels = {"sft": "SFT\n(s / epoch)", "rm": "reward model\n(s / epoch)", "ppo": "PPO\n(s / batch)",
               "dpo": "DPO\n(s / epoch)", "grpo": "GRPO\n(s / iteration)"}
     targets = {"sft": 1.5, "rm": 1.5, "ppo": 2.0}          # the issue's; none for DPO and GRPO
-    fig, axes = plt.subplots(1, 3, figsize=(max(13, 4.5 + 1.9 * len(names)), 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(max(13, 4.5 + 2.3 * len(names)), 3.8))
     x = range(len(names))
     for ax, key, title in ((axes[0], "seconds_per_unit_median", "time per unit of work (lower is better)"),
                            (axes[1], "peak_rss_mb_median", "peak RSS, MiB (lower is better)")):
@@ -951,7 +951,7 @@ def plot(res: dict, path: Path) -> None:
         t = [p[n]["trl"][key] for n in names]
         ax.bar([i - 0.2 for i in x], o, 0.4, label="tiny-rlhf")
         ax.bar([i + 0.2 for i in x], t, 0.4, label="TRL")
-        ax.set_xticks(list(x), [labels[n] for n in names])
+        ax.set_xticks(list(x), [labels[n] for n in names], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
