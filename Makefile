@@ -1,5 +1,5 @@
 # tiny-rlhf: `make run` executes the notebooks in order, `make test` runs the test suite,
-# `make bench` compares with TRL on this machine (its own environment, bench/.venv).
+# `make bench` compares with TRL on this machine (its own environments, bench/.venv and bench/.venv116).
 # Both create .venv when it is missing and install requirements.txt into it.
 PYTHON ?= python3
 VENV   := .venv
@@ -36,24 +36,30 @@ clean-model:
 	rm -rf model/*/ model/report.json
 
 # ---------------------------------------------------------------------------- benchmark against TRL
-# A separate environment: TRL is a benchmark dependency only. `make bench` trains the shared starting points once
+# Separate environments: TRL is a benchmark dependency only. `make bench` trains the shared starting points once
 # (cached in bench/out/start), then runs ours and TRL interleaved, 3 rounds, each run in a fresh process, and
 # writes bench/results.{json,md,png} and the README table. BENCH_QUICK=1 runs a smoke version (about 2 minutes).
 BENCH_VENV := bench/.venv
 BENCH_PY   := $(BENCH_VENV)/bin/python
+# trl 1.16 for the DPO / GRPO pairs: it has no PPOTrainer any more, so it gets its own environment
+BENCH116_VENV := bench/.venv116
+BENCH116_PY   := $(BENCH116_VENV)/bin/python
 
 $(BENCH_VENV)/.installed: bench/requirements.txt
-	@echo ">>> creating $(BENCH_VENV) (torch CPU build, trl, transformers) for the benchmark"
+	@echo ">>> creating $(BENCH_VENV) (torch CPU build, trl 1.12, transformers) for the benchmark"
 	@test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_PY) -m pip install --disable-pip-version-check --progress-bar off -r bench/requirements.txt
 	@touch $@
 
+$(BENCH116_VENV)/.installed: bench/requirements-trl116.txt
+	@echo ">>> creating $(BENCH116_VENV) (torch CPU build, trl 1.16) for the DPO and GRPO pairs"
+	@test -x $(BENCH116_PY) || $(PYTHON) -m venv $(BENCH116_VENV)
+	$(BENCH116_PY) -m pip install --disable-pip-version-check --progress-bar off -r bench/requirements-trl116.txt
+	@touch $@
+
 bench-install: $(BENCH_VENV)/.installed
 
-bench: bench-install
-	$(BENCH_PY) bench/bench.py $(if $(BENCH_QUICK),--quick)
+bench-env-116: $(BENCH116_VENV)/.installed
 
-# trl 1.16 for the DPO / GRPO pairs, once those stages exist (see PAIRS in bench/bench.py)
-bench-env-116: bench/requirements-trl116.txt
-	@test -x bench/.venv116/bin/python || $(PYTHON) -m venv bench/.venv116
-	bench/.venv116/bin/python -m pip install --disable-pip-version-check --progress-bar off -r bench/requirements-trl116.txt
+bench: bench-install bench-env-116
+	$(BENCH_PY) bench/bench.py $(if $(BENCH_QUICK),--quick)

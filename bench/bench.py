@@ -3,13 +3,14 @@
     python bench/bench.py              # the full benchmark (tiny preset): bench/results.json, results.md, results.png
     python bench/bench.py --quick      # a smoke version (smoke preset, 2 rounds): checks the harness end to end
 
-Every measurement runs in a fresh subprocess (`python bench/bench.py worker TASK SIDE ...`) of the bench virtual
+Every measurement runs in a fresh subprocess (`python bench/bench.py worker TASK SIDE ...`) of the pair's virtual
 environment, which holds both our util.py's dependencies and TRL; our side and TRL's side are interleaved round by
 round, and the figures are medians over rounds. Starting points (base model, SFT actor, reward model, the SFT
 policy's held-out accuracy) are trained once by `worker setup` and cached under bench/out/start/.
 
-Adding a pair (DPO vs trl.DPOTrainer, GRPO vs trl.GRPOTrainer, both in trl 1.16): see PAIRS below. A pair whose
-util.py function does not exist yet is listed in results.json under "skipped" with the reason.
+Each pair (see PAIRS below) runs both its sides in one environment: bench/.venv (trl 1.12, the last with
+PPOTrainer) for SFT, RM and PPO; bench/.venv116 (trl 1.16) for DPO and GRPO. A pair whose util.py function does
+not exist is listed in results.json under "skipped" with the reason.
 """
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 # The slice of work each side does per round. Identical for both sides; rates are reported per unit of work.
 SPECS = {
-    "full": dict(preset="tiny", rounds=3, sft_epochs=0.5, rm_epochs=0.5, ppo_batches=12, n_eval=600, gen_repeats=12,
-                 out="out", results="results"),
-    "quick": dict(preset="smoke", rounds=2, sft_epochs=1.0, rm_epochs=1.0, ppo_batches=2, n_eval=16, gen_repeats=2,
-                  out="out-quick", results="results-quick"),
+    "full": dict(preset="tiny", rounds=3, sft_epochs=0.5, rm_epochs=0.5, ppo_batches=12, dpo_epochs=0.5,
+                 grpo_batches=12, n_eval=600, gen_repeats=12, out="out", results="results"),
+    "quick": dict(preset="smoke", rounds=2, sft_epochs=1.0, rm_epochs=1.0, ppo_batches=2, dpo_epochs=1.0,
+                  grpo_batches=2, n_eval=16, gen_repeats=2, out="out-quick", results="results-quick"),
 }
 
 
@@ -51,14 +52,21 @@ class Pair:
     needs: str = ""            # util.py function that must exist (hooks for stages not written yet)
     venv: str = ".venv"        # bench/<venv>/bin/python runs both sides (TRL >= 1.13 dropped PPOTrainer)
 
+    def python(self) -> str:
+        """The interpreter of this pair's environment (the orchestrator's own for bench/.venv)."""
+        if self.venv == ".venv":
+            return sys.executable
+        py = BENCH / self.venv / "bin" / "python"
+        if not py.exists():
+            raise SystemExit(f"{py} is missing: `make bench-env-116` creates it (`make bench` does too)")
+        return str(py)
+
 
 PAIRS = [
     Pair("sft", "util.train_sft", "trl.SFTTrainer", "epoch"),
     Pair("rm", "util.train_reward", "trl.RewardTrainer", "epoch"),
     Pair("ppo", "util.train_ppo", "trl.experimental.ppo.PPOTrainer", "rollout batch"),
-    # Hooks: once util.train_dpo / util.train_grpo and their notebooks exist, write dpo_ours/dpo_trl and
-    # grpo_ours/grpo_trl workers (same shape as sft_ours/sft_trl: identical tokens, batches, optimizer, seed;
-    # return timing + quality) and create bench/.venv116 with bench/requirements-trl116.txt (`make bench-env-116`).
+    # trl 1.16 in its own environment, bench/.venv116 (`make bench-env-116`, bench/requirements-trl116.txt)
     Pair("dpo", "util.train_dpo", "trl.DPOTrainer (1.16)", "epoch", needs="train_dpo", venv=".venv116"),
     Pair("grpo", "util.train_grpo", "trl.GRPOTrainer (1.16)", "rollout batch", needs="train_grpo", venv=".venv116"),
 ]
@@ -111,7 +119,7 @@ def rm_quality(model, tok, ev, cfg) -> dict:
     return {"heldout_pair_acc": sum(a > b for a, b in zip(c, r)) / len(c)}
 
 
-def ppo_quality(policy, tok, ev, cfg, start: Path, seed: int) -> dict:
+def policy_quality(policy, tok, ev, cfg, start: Path, seed: int) -> dict:
     """Held-out execution accuracy (sqlite), RM score and KL of the trained policy; gains over the SFT start."""
     import util
     rm = util.load_score_model(start / "critic")
@@ -130,14 +138,15 @@ def ppo_quality(policy, tok, ev, cfg, start: Path, seed: int) -> dict:
     return out
 
 
-def ppo_prompt_rows(rows, cfg, n_batches: int) -> list[dict]:
-    """The prompts util.train_ppo draws in its first n_batches iterations (same seeds), in order."""
+def ppo_prompt_rows(rows, cfg, n_batches: int, per_batch: int = 0) -> list[dict]:
+    """The prompts util.train_ppo (and util.train_grpo, per_batch=cfg.grpo_prompts) draws in its first n_batches
+    iterations (same seeds), in order."""
     import torch
     import util
     out = []
     for it in range(n_batches):
         util.set_seed(cfg.seed * 100_003 + it)
-        out += [rows[i] for i in torch.randperm(len(rows))[:cfg.rollout_batch_size].tolist()]
+        out += [rows[i] for i in torch.randperm(len(rows))[:per_batch or cfg.rollout_batch_size].tolist()]
     return out
 
 
@@ -311,7 +320,7 @@ def w_ppo_ours(spec, seed, work, start: Path) -> dict:
     return {"seconds": dt, "units": cfg.ppo_iterations, "episodes": cfg.ppo_iterations * cfg.rollout_batch_size,
             "rss_start_mb": rss0, "peak_rss_mb": peak, "phases_s": phases,
             "train_curve": {k: [h[k] for h in history] for k in ("rm_score", "kl", "gold_acc")},
-            "quality": ppo_quality(policy, tok, ev, cfg, start, seed)}
+            "quality": policy_quality(policy, tok, ev, cfg, start, seed)}
 
 
 class OffsetScore:
@@ -376,7 +385,168 @@ def w_ppo_trl(spec, seed, work, start: Path) -> dict:
             "units": cfg.ppo_iterations, "episodes": cfg.ppo_iterations * cfg.rollout_batch_size,
             "rss_start_mb": rss0, "peak_rss_mb": peak,
             "train_curve": {"rm_score": [h["objective/scores"] for h in logs], "kl": [h["objective/kl"] for h in logs]},
-            "quality": ppo_quality(policy, tok, ev, cfg, start, seed)}
+            "quality": policy_quality(policy, tok, ev, cfg, start, seed)}
+
+
+# ---------------------------------------------------------------------------- DPO (trl 1.16, bench/.venv116)
+
+
+def dpo_quality(policy, tok, ev, cfg, start: Path, seed: int) -> dict:
+    """The policy's held-out quality (policy_quality) plus DPO's implicit-reward accuracy on the held-out pairs."""
+    import util
+    ref = util.load_causal_lm(start / "actor")
+    stats = util.dpo_pair_stats(policy, ref, tok, ev, cfg, "cpu")
+    return {**policy_quality(policy, tok, ev, cfg, start, seed), "implicit_reward_acc": stats["eval_reward_acc"],
+            "implicit_margin": stats["eval_margin"]}
+
+
+def w_dpo_ours(spec, seed, work, start: Path) -> dict:
+    import util
+    cfg = make_cfg(spec, seed, work)
+    cfg.dpo_epochs = spec["dpo_epochs"]
+    train, ev = load_data(cfg)
+    tok = util.load_tokenizer(start / "actor")
+    model = util.load_causal_lm(start / "actor")
+    ref = util.load_causal_lm(start / "actor").requires_grad_(False)
+    rss0 = rss_mb()
+    t0 = time.perf_counter()
+    util.train_dpo(model, ref, tok, train, ev, cfg, "cpu", n_logs=1)   # one held-out check (200 pairs), at the end
+    dt = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    n = len(util.fit_rows(tok, train, cfg, ("chosen", "rejected")))
+    steps = len(util.batches(n, cfg.dpo_batch_size, cfg.dpo_epochs, cfg.seed))
+    return {"seconds": dt, "units": cfg.dpo_epochs, "steps": steps, "rss_start_mb": rss0, "peak_rss_mb": peak,
+            "quality": dpo_quality(model, tok, ev, cfg, start, seed)}
+
+
+def w_dpo_trl(spec, seed, work, start: Path) -> dict:
+    import util
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    cfg = make_cfg(spec, seed, work)
+    cfg.dpo_epochs = spec["dpo_epochs"]
+    train, ev = load_data(cfg)
+    tok = util.load_tokenizer(start / "actor")
+    model = util.load_causal_lm(start / "actor")
+    ref = util.load_causal_lm(start / "actor").requires_grad_(False)
+    rss0 = rss_mb()
+    t0 = time.perf_counter()
+    # the pairs train_dpo keeps, in the batches and order it draws; TRL tokenises the text itself, and with the BOS
+    # written in front of the prompt its ids are ours (checked below)
+    rows = util.fit_rows(tok, train, cfg, ("chosen", "rejected"), "DPO training pairs")
+    plan = util.batches(len(rows), cfg.dpo_batch_size, cfg.dpo_epochs, cfg.seed)
+    order = [rows[i] for b in plan for i in b]
+    ds = Dataset.from_dict({"prompt": [tok.bos_token + r["prompt"] for r in order],
+                            "chosen": [r["chosen"] for r in order], "rejected": [r["rejected"] for r in order]})
+    opt, sched = util.make_optimizer(model, cfg.dpo_lr, len(plan))       # the same AdamW + schedule as train_dpo
+    args = DPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=cfg.dpo_batch_size, num_train_epochs=1,
+                     train_sampling_strategy="sequential", max_length=None, max_grad_norm=cfg.max_grad_norm,
+                     beta=cfg.dpo_beta, loss_type=[cfg.dpo_loss], precompute_ref_log_probs=False,
+                     gradient_checkpointing=False, bf16=False, seed=cfg.seed, data_seed=cfg.seed,
+                     logging_steps=max(1, len(plan) // 4), report_to="none", save_strategy="no", disable_tqdm=True,
+                     use_cpu=True, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
+                         optimizers=(opt, sched))
+    t1 = time.perf_counter()
+    trainer.train()
+    t2 = time.perf_counter()
+    peak = peak_rss_mb()
+    model.eval()
+    d = trainer.train_dataset
+    same = all(p == util.encode_prompt(tok, r["prompt"])[-cfg.max_prompt_tokens:]
+               and c == util.encode_response(tok, r["chosen"]) and x == util.encode_response(tok, r["rejected"])
+               for p, c, x, r in zip(d["prompt_ids"], d["chosen_ids"], d["rejected_ids"], order, strict=True))
+    return {"seconds": t2 - t0, "seconds_train_call": t2 - t1, "seconds_init": t1 - t0,
+            "units": cfg.dpo_epochs, "steps": trainer.state.global_step, "rss_start_mb": rss0,
+            "peak_rss_mb": peak, "same_token_ids": same, "quality": dpo_quality(model, tok, ev, cfg, start, seed)}
+
+
+# ---------------------------------------------------------------------------- GRPO (trl 1.16, bench/.venv116)
+
+
+def w_grpo_ours(spec, seed, work, start: Path) -> dict:
+    import util
+    cfg = make_cfg(spec, seed, work)
+    cfg.grpo_iterations = spec["grpo_batches"]
+    (work / "actor").symlink_to(start / "actor", target_is_directory=True)
+    train, ev = load_data(cfg)
+    rss0 = rss_mb()
+    t0 = time.perf_counter()
+    policy, history = util.train_grpo(cfg, "cpu", rows=train)        # loads the actor and the reference, trains
+    dt = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    tok = util.load_tokenizer(start / "actor")
+    phases = {k: sum(h[f"time_{k}"] for h in history) for k in ("generate_score", "train")}
+    return {"seconds": dt, "units": cfg.grpo_iterations,
+            "episodes": cfg.grpo_iterations * cfg.grpo_prompts * cfg.grpo_group_size,
+            "rss_start_mb": rss0, "peak_rss_mb": peak, "phases_s": phases,
+            "train_curve": {k: [h[k] for h in history] for k in ("reward", "gold_acc", "kl")},
+            "quality": policy_quality(policy, tok, ev, cfg, start, seed)}
+
+
+def grpo_reward_funcs(tok, cfg):
+    """util's GRPO rewards as TRL reward functions (TRL passes the dataset's columns as keyword arguments), with
+    the weights train_grpo gives them: execution 1, format cfg.grpo_format_weight."""
+    import util
+
+    def execution(completions, setup_sql, chosen, **kw):
+        return util.exec_rewards([{"setup_sql": s, "chosen": c} for s, c in zip(setup_sql, chosen)], completions)
+
+    def format_(completions, completion_ids, setup_sql, **kw):
+        # TRL cuts each completion after its first EOS and keeps the EOS: it ended with EOS iff the last id is one
+        has_eos = [bool(ids) and ids[-1] == tok.eos_token_id for ids in completion_ids]
+        return util.format_rewards([{"setup_sql": s} for s in setup_sql], completions, has_eos)
+    return [execution, format_], [1.0, cfg.grpo_format_weight]
+
+
+def w_grpo_trl(spec, seed, work, start: Path) -> dict:
+    import torch
+    import util
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+    cfg = make_cfg(spec, seed, work)
+    cfg.grpo_iterations = spec["grpo_batches"]
+    train, ev = load_data(cfg)
+    rss0 = rss_mb()
+    t0 = time.perf_counter()
+    tok = util.load_tokenizer(start / "actor")
+    policy = util.load_causal_lm(start / "actor")     # TRL loads the reference itself, from the same directory
+    rows = ppo_prompt_rows(train, cfg, cfg.grpo_iterations, cfg.grpo_prompts)    # the prompts train_grpo draws
+    # the prompt as text with the BOS written in front: TRL's tokenisation then gives util.encode_prompt's ids
+    ds = Dataset.from_dict({"prompt": [tok.bos_token + r["prompt"] for r in rows],
+                            "setup_sql": [r["setup_sql"] for r in rows], "chosen": [r["chosen"] for r in rows]})
+    group = cfg.grpo_prompts * cfg.grpo_group_size
+    assert group % cfg.grpo_minibatch_size == 0, "TRL needs the group batch to split into whole minibatches"
+    # the same optimiser as train_grpo: AdamW betas (0.9, 0.95), no weight decay, constant learning rate
+    opt, _ = util.make_optimizer(policy, cfg.grpo_lr, 1, warmup=0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    funcs, weights = grpo_reward_funcs(tok, cfg)
+    args = GRPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=cfg.grpo_minibatch_size,
+                      gradient_accumulation_steps=1, steps_per_generation=group // cfg.grpo_minibatch_size,
+                      num_generations=cfg.grpo_group_size, num_iterations=cfg.grpo_epochs, num_train_epochs=1,
+                      shuffle_dataset=False, max_completion_length=cfg.max_response_tokens,
+                      temperature=cfg.temperature, top_k=0, top_p=1.0, beta=cfg.grpo_kl_coef, epsilon=cfg.cliprange,
+                      loss_type="grpo", scale_rewards="group", reward_weights=weights,
+                      mask_truncated_completions=False, max_grad_norm=cfg.max_grad_norm, disable_dropout=True,
+                      gradient_checkpointing=False, bf16=False, seed=cfg.seed, data_seed=cfg.seed,
+                      logging_steps=group // cfg.grpo_minibatch_size * cfg.grpo_epochs, report_to="none",
+                      save_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=policy, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tok,
+                          optimizers=(opt, sched))
+    t1 = time.perf_counter()
+    trainer.train()
+    t2 = time.perf_counter()
+    peak = peak_rss_mb()
+    policy.eval()
+    steps = trainer.state.global_step
+    assert steps == cfg.grpo_iterations * group // cfg.grpo_minibatch_size * cfg.grpo_epochs, steps
+    same = all(tok(text=p)["input_ids"] == util.encode_prompt(tok, r["prompt"]) for p, r in zip(ds["prompt"], rows))
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    return {"seconds": t2 - t0, "seconds_train_call": t2 - t1, "seconds_init": t1 - t0,
+            "units": cfg.grpo_iterations, "episodes": cfg.grpo_iterations * group, "steps": steps,
+            "rss_start_mb": rss0, "peak_rss_mb": peak, "same_token_ids": same,
+            "train_curve": {"reward": [h["reward"] for h in logs], "kl": [h.get("kl") for h in logs]},
+            "quality": policy_quality(policy, tok, ev, cfg, start, seed)}
 
 
 # ---------------------------------------------------------------------------- rollout generation throughput
@@ -473,7 +643,9 @@ def w_gen(spec, seed, work, start: Path) -> dict:
 
 WORKERS = {("setup", "ours"): w_setup, ("sft", "ours"): w_sft_ours, ("sft", "trl"): w_sft_trl,
            ("rm", "ours"): w_rm_ours, ("rm", "ours_prefix"): w_rm_ours_prefix, ("rm", "trl"): w_rm_trl,
-           ("ppo", "ours"): w_ppo_ours, ("ppo", "trl"): w_ppo_trl, ("gen", "ours"): w_gen}
+           ("ppo", "ours"): w_ppo_ours, ("ppo", "trl"): w_ppo_trl, ("dpo", "ours"): w_dpo_ours,
+           ("dpo", "trl"): w_dpo_trl, ("grpo", "ours"): w_grpo_ours, ("grpo", "trl"): w_grpo_trl,
+           ("gen", "ours"): w_gen}
 
 
 def worker_main(a) -> int:
@@ -627,6 +799,25 @@ NOT_IDENTICAL = [
     "Made identical on purpose (TRL's defaults differ): our AdamW and LR schedule objects are passed to the TRL "
     "trainers; fp32 (TRL defaults to bf16), no gradient checkpointing (TRL defaults to it), the plain NLL loss "
     "(SFTTrainer defaults to a chunked one), TRL's sampler set to sequential over our batch order.",
+    "DPO: the same pairs (those util.fit_rows keeps), batches and order, β, sigmoid loss, AdamW + schedule objects, "
+    "gradient clipping and frozen SFT reference on both sides; TRL tokenises the text itself (the prompt with the BOS "
+    "written in front) and gets our token ids (checked every run). Ours' time includes fit_rows and one held-out "
+    "check (200 pairs) at the end; TRL's includes its tokenisation and set-up. TRL computes the log-probs through "
+    "its fused, chunked LM head (no full logits tensor) and logs its per-step metrics (entropy, logits, token "
+    "accuracy). With dpo_loss='ipo' (not benchmarked) TRL would average the log-ratios per token, ours sums them.",
+    "GRPO: the same prompts per iteration (those util.train_grpo draws; TRL's shuffle_dataset off), group size, "
+    "minibatch, 2 passes per group (TRL num_iterations), clip range, k3 KL in the loss (TRL beta = grpo_kl_coef), "
+    "per-answer mean loss (TRL loss_type='grpo'), advantages (r - group mean) / (unbiased group std + 1e-4), "
+    "temperature and the same reward functions (util.exec_rewards + grpo_format_weight × util.format_rewards, passed "
+    "as reward_funcs); but the sampled answers differ (different random streams), so the updates do too.",
+    "GRPO: ours reshuffles the group into new minibatches for its second pass; TRL shuffles once per group and "
+    "reuses the same minibatches in the same order. TRL computes per-token entropy in every loss pass and the "
+    "log-probs through its fused LM head; it loads its own reference copy from the SFT directory (GRPOTrainer "
+    "takes no ref_model), as train_grpo does. Both times include loading the models; TRL's also its set-up.",
+    "GRPO: TRL does not cut prompts, ours keeps their last max_prompt_tokens (112) tokens: the same here, the "
+    "longest prompt is 41 tokens. Ours never steps its LR schedule (constant lr); TRL gets the same AdamW with a "
+    "constant schedule. Made identical on purpose: TRL's loss_type (default 'dapo'), beta (default 0), dropout off "
+    "(its default leaves it on), fp32, no gradient checkpointing.",
 ]
 
 
@@ -634,11 +825,19 @@ def fmt(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def trl_versions(res: dict) -> str:
+    """'1.12.0 for SFT, RM, PPO and 1.16.0 for DPO, GRPO': the TRL each pair ran with."""
+    by = {}
+    for n, v in res.get("pair_versions", {}).items():
+        by.setdefault(v["trl"], []).append(n.upper())
+    return " and ".join(f"{v} for {', '.join(ns)}" for v, ns in by.items()) or res["versions"]["trl"]
+
+
 def write_markdown(res: dict, path: Path) -> str:
     m, spec = res["machine"], res["spec"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['gpu']}; torch "
-             f"{res['versions']['torch']}, transformers {res['versions']['transformers']}, trl {res['versions']['trl']} "
-             f"(one venv for both sides); {spec['rounds']} rounds, ours and TRL interleaved, medians; "
+             f"{res['versions']['torch']}, transformers {res['versions']['transformers']}, trl {trl_versions(res)} "
+             f"(both sides of a pair in one venv); {spec['rounds']} rounds, ours and TRL interleaved, medians; "
              f"`make bench` wall time {res['total_wall_s'] / 60:.1f} min.", "",
              "| stage | slice (identical both sides) | ours: time / unit | TRL: time / unit | speed-up | "
              "ours: peak RSS | TRL: peak RSS | quality (held-out) ours | TRL |",
@@ -678,6 +877,34 @@ def write_markdown(res: dict, path: Path) -> str:
                      f"{o['peak_rss_mb_median']:.0f} MiB | {r['peak_rss_mb_median']:.0f} MiB | gold gain "
                      f"{qo['gold_gain_sampled']:+.3f} (exec. acc. {qo['exec_acc_sampled']:.3f}, KL {qo['kl_to_sft']:.2f})"
                      f" | {qr['gold_gain_sampled']:+.3f} ({qr['exec_acc_sampled']:.3f}, KL {qr['kl_to_sft']:.2f}) |")
+    if "dpo" in p:
+        o, r = p["dpo"]["ours"], p["dpo"]["trl"]
+        qo, qr = o["quality_median"], r["quality_median"]
+        lines.append(f"| DPO vs `DPOTrainer` (1.16) | {spec['dpo_epochs']} epoch ({res['steps']['dpo']} steps of "
+                     f"{res['cfg']['dpo_batch_size']} pairs) | {fmt(o['seconds_per_unit_median'], 1)} s/epoch | "
+                     f"{fmt(r['seconds_per_unit_median'], 1)} s/epoch | "
+                     f"**{r['seconds_per_unit_median'] / o['seconds_per_unit_median']:.2f}×** | "
+                     f"{o['peak_rss_mb_median']:.0f} MiB | {r['peak_rss_mb_median']:.0f} MiB | exec. acc. greedy "
+                     f"{qo['exec_acc_greedy']:.3f} ({qo['gold_gain_greedy']:+.3f}), implicit-reward acc. "
+                     f"{qo['implicit_reward_acc']:.3f} | {qr['exec_acc_greedy']:.3f} ({qr['gold_gain_greedy']:+.3f}), "
+                     f"{qr['implicit_reward_acc']:.3f} |")
+    if "grpo" in p:
+        o, r = p["grpo"]["ours"], p["grpo"]["trl"]
+        qo, qr = o["quality_median"], r["quality_median"]
+        c = res["cfg"]
+        lines.append(f"| GRPO vs `GRPOTrainer` (1.16) | {spec['grpo_batches']} iterations of {c['grpo_prompts']} "
+                     f"prompts × {c['grpo_group_size']} answers "
+                     f"({spec['grpo_batches'] * c['grpo_prompts'] * c['grpo_group_size']} completions) | "
+                     f"{fmt(o['seconds_per_unit_median'], 2)} s/iteration | {fmt(r['seconds_per_unit_median'], 2)} "
+                     f"s/iteration | **{r['seconds_per_unit_median'] / o['seconds_per_unit_median']:.2f}×** | "
+                     f"{o['peak_rss_mb_median']:.0f} MiB | {r['peak_rss_mb_median']:.0f} MiB | exec. acc. greedy "
+                     f"{qo['exec_acc_greedy']:.3f} ({qo['gold_gain_greedy']:+.3f}, KL {qo['kl_to_sft']:.2f}) | "
+                     f"{qr['exec_acc_greedy']:.3f} ({qr['gold_gain_greedy']:+.3f}, KL {qr['kl_to_sft']:.2f}) |")
+    if {"dpo", "grpo"} & set(p):
+        same = all(x.get("same_token_ids", True) for n in ("dpo", "grpo") for x in res["raw"].get(n, {}).get("trl", []))
+        lines += ["", "DPO and GRPO quality: execution accuracy of greedy answers on the held-out prompts (in brackets: "
+                  "the change from the SFT start, and for GRPO the KL to it); DPO also the implicit-reward accuracy "
+                  f"on the held-out pairs. TRL's own tokenisation gave our token ids in every run: {same}."]
     if "gen" in res:
         g = res["gen"]
         v = g["variants"]
@@ -700,7 +927,7 @@ def write_markdown(res: dict, path: Path) -> str:
                   + " (score = 4 forward passes, decode, sqlite). TRL's `get_reward` and `util.reward_scores` "
                   f"agree on the same batch to {g['rm_score_max_abs_diff_trl_vs_ours']:.1e}."]
     lines += ["", "Not identical between the two sides:", ""] + [f"* {x}" for x in NOT_IDENTICAL]
-    lines += ["", "Targets:", ""]
+    lines += ["", "Targets:", ""] if res["targets"] else []
     for name, t in res["targets"].items():
         figs = ", ".join(f"{k} {v:.3f}" for k, v in t.items() if isinstance(v, float))
         lines.append(f"* {name}: **{'met' if t['met'] else 'missed'}** ({figs}; rule: {t['rule']})")
@@ -716,9 +943,11 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     p = res["pairs"]
-    names = [n for n in ("sft", "rm", "ppo") if n in p]
-    labels = {"sft": "SFT\n(s / epoch)", "rm": "reward model\n(s / epoch)", "ppo": "PPO\n(s / rollout batch)"}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    names = [n for n in ("sft", "rm", "ppo", "dpo", "grpo") if n in p]
+    labels = {"sft": "SFT\n(s / epoch)", "rm": "reward model\n(s / epoch)", "ppo": "PPO\n(s / batch)",
+              "dpo": "DPO\n(s / epoch)", "grpo": "GRPO\n(s / iteration)"}
+    targets = {"sft": 1.5, "rm": 1.5, "ppo": 2.0}          # the issue's; none for DPO and GRPO
+    fig, axes = plt.subplots(1, 3, figsize=(max(13, 4.5 + 2.3 * len(names)), 3.8))
     x = range(len(names))
     for ax, key, title in ((axes[0], "seconds_per_unit_median", "time per unit of work (lower is better)"),
                            (axes[1], "peak_rss_mb_median", "peak RSS, MiB (lower is better)")):
@@ -726,7 +955,7 @@ def plot(res: dict, path: Path) -> None:
         t = [p[n]["trl"][key] for n in names]
         ax.bar([i - 0.2 for i in x], o, 0.4, label="tiny-rlhf")
         ax.bar([i + 0.2 for i in x], t, 0.4, label="TRL")
-        ax.set_xticks(list(x), [labels[n] for n in names])
+        ax.set_xticks(list(x), [labels[n] for n in names], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
@@ -734,13 +963,13 @@ def plot(res: dict, path: Path) -> None:
     sp = [p[n]["trl"]["seconds_per_unit_median"] / p[n]["ours"]["seconds_per_unit_median"] for n in names]
     axes[2].bar(list(x), sp, 0.5, color="C2")
     for i, n in enumerate(names):
-        target = 2.0 if n == "ppo" else 1.5
-        axes[2].hlines(target, i - 0.3, i + 0.3, colors="k", linestyles="--")
+        if n in targets:
+            axes[2].hlines(targets[n], i - 0.3, i + 0.3, colors="k", linestyles="--")
         axes[2].text(i, sp[i], f"{sp[i]:.2f}×", ha="center", va="bottom", fontsize=9)
     axes[2].set_xticks(list(x), [labels[n].split("\n")[0] for n in names])
-    axes[2].set_title("speed-up over TRL (dashed: target)", fontsize=10)
+    axes[2].set_title("speed-up over TRL (dashed: target, if any)", fontsize=10)
     axes[2].grid(axis="y", alpha=0.3)
-    fig.suptitle(f"tiny-rlhf vs TRL {res['versions']['trl']}, same work, {res['machine']['cpu']}, "
+    fig.suptitle(f"tiny-rlhf vs TRL {trl_versions(res)}, same work, {res['machine']['cpu']}, "
                  f"{res['machine']['cores']} cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -784,7 +1013,8 @@ def orchestrate(a) -> int:
     cfg = util.get_config(spec["preset"])
     pairs = {}
     skipped = {}
-    sides = {"sft": ["ours", "trl"], "rm": ["ours", "trl", "ours_prefix"], "ppo": ["ours", "trl"]}
+    sides = {"sft": ["ours", "trl"], "rm": ["ours", "trl", "ours_prefix"], "ppo": ["ours", "trl"],
+             "dpo": ["ours", "trl"], "grpo": ["ours", "trl"]}
     for pr in PAIRS:
         if pr.needs and not hasattr(util, pr.needs):
             skipped[pr.name] = f"util.{pr.needs} does not exist yet; hook in bench/bench.py PAIRS"
@@ -800,7 +1030,7 @@ def orchestrate(a) -> int:
             order = sides[n][:2] if rnd % 2 == 0 else sides[n][:2][::-1]     # ABBA: ours first, then TRL first
             order += sides[n][2:]
             for side in order:
-                res = run_worker(n, side, seed, spec_name, logs, f"{n}-{side}-r{rnd}")
+                res = run_worker(n, side, seed, spec_name, logs, f"{n}-{side}-r{rnd}", pairs[n].python())
                 runs[n][side].append(res)
                 q = ", ".join(f"{k} {v:.3f}" for k, v in res["quality"].items())
                 print(f"round {rnd + 1}/{spec['rounds']}  {n:4s} {side:11s} {res['seconds']:7.1f} s  "
@@ -814,6 +1044,7 @@ def orchestrate(a) -> int:
 
     res = {"spec": spec, "spec_name": spec_name, "machine": machine(), "setup": setup,
            "versions": (runs[next(iter(runs))]["ours"][0] if runs else gens[0])["versions"],
+           "pair_versions": {n: s["ours"][0]["versions"] for n, s in runs.items()},
            "cfg": dataclasses.asdict(cfg), "steps": {}, "pairs": {}, "skipped": skipped,
            "raw": {n: s for n, s in runs.items()}}
     for n, by_side in runs.items():
@@ -836,7 +1067,7 @@ def orchestrate(a) -> int:
     name = spec["results"]
     util.write_json(res, BENCH / f"{name}.json")
     md = write_markdown(res, BENCH / f"{name}.md")
-    if {"sft", "rm", "ppo"} <= set(res["pairs"]):
+    if res["pairs"]:
         plot(res, BENCH / f"{name}.png")
     if not a.quick and not a.only and not a.rounds:
         update_readme(md)
@@ -857,7 +1088,7 @@ def main(argv=None) -> int:
     w.add_argument("--profile", default="", help="write a cProfile summary of the worker to this file")
     ap.add_argument("--quick", action="store_true", help="smoke preset, 2 rounds: checks the harness end to end")
     ap.add_argument("--rounds", type=int, default=0, help="override the number of rounds")
-    ap.add_argument("--only", nargs="*", default=[], help="run only these pairs (sft rm ppo gen)")
+    ap.add_argument("--only", nargs="*", default=[], help="run only these pairs (sft rm ppo dpo grpo gen)")
     a = ap.parse_args(argv)
     if a.cmd == "worker":
         return worker_main(a)
