@@ -48,7 +48,7 @@ class Config:
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
     # reward model
-    rm_epochs: float = 2.6
+    rm_epochs: float = 3.0
     rm_batch_size: int = 32
     rm_lr: float = 1e-3
     rm_freeze_backbone: bool = False
