@@ -1155,22 +1155,28 @@ def pair_batch(tok, rows, cfg: Config):
     return right_pad_batch(ex, tok.pad_token_id)
 
 
-def ranking_batch(tok, rows, cfg: Config):
-    """Each prompt once, left-padded, and its answers [chosen, rejected, *more_rejected] (up to rm_max_rejected
-    rejected), right-padded with EOS: (prompt ids, prompt mask, answer ids, answer mask, row of each answer,
-    and for each pair the index of its chosen and of its rejected answer)."""
+def ranking_example(tok, row: dict, cfg: Config) -> tuple[list[int], list[list[int]]]:
+    """One row tokenised: its prompt ids and its answers [chosen, rejected, *more_rejected] (up to rm_max_rejected
+    rejected ones), each with EOS."""
+    answers = [row["chosen"], row["rejected"], *row.get("more_rejected", [])][:cfg.rm_max_rejected + 1]
+    return (encode_prompt(tok, row["prompt"])[-cfg.max_prompt_tokens:],
+            [encode_response(tok, a)[:cfg.max_response_tokens] for a in answers])
+
+
+def ranking_batch(examples: list[tuple[list[int], list[list[int]]]], pad_id: int):
+    """Each prompt once, left-padded, and its answers right-padded: (prompt ids, prompt mask, answer ids, answer
+    mask, row of each answer, and for each pair the index of its chosen and of its rejected answer)."""
     import torch
-    prompt_ids, prompt_mask = encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_tokens)
+    prompt_ids, prompt_mask = left_pad([p for p, _ in examples], pad_id)
     answers, owner, chosen, rejected = [], [], [], []
-    for i, r in enumerate(rows):
-        first = len(answers)
-        for j, text in enumerate([r["chosen"], r["rejected"], *r.get("more_rejected", [])][:cfg.rm_max_rejected + 1]):
-            if j:
-                chosen.append(first)
+    for i, (_, row_answers) in enumerate(examples):
+        for j, a in enumerate(row_answers):
+            if j:                               # answer 0 is the chosen one, every later one is a rejected one
+                chosen.append(len(answers) - j)
                 rejected.append(len(answers))
-            answers.append(encode_response(tok, text)[:cfg.max_response_tokens])
+            answers.append(a)
             owner.append(i)
-    ids, mask, _ = right_pad_batch([(a, a) for a in answers], tok.pad_token_id)
+    ids, mask, _ = right_pad_batch([(a, a) for a in answers], pad_id)
     return prompt_ids, prompt_mask, ids, mask, torch.tensor(owner), torch.tensor(chosen), torch.tensor(rejected)
 
 
@@ -1204,7 +1210,8 @@ def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
     chosen, rejected = [], []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in ranking_batch(tok, rows[i:i + batch_size], one_pair))
+            batch = ranking_batch([ranking_example(tok, x, one_pair) for x in rows[i:i + batch_size]], tok.pad_token_id)
+            prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in batch)
             s = at_last_token(shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner), mask)
             chosen += s[c].tolist()
             rejected += s[r].tolist()
@@ -1221,6 +1228,7 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
     if cfg.rm_freeze_backbone:                  # train the head only (cheap, less overfitting, weaker)
         for p in getattr(model, model.base_model_prefix).parameters():
             p.requires_grad_(False)
+    examples = [ranking_example(tok, r, cfg) for r in train_rows]   # tokenise once, not once per epoch
     plan = batches(len(train_rows), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.rm_lr, len(plan))
@@ -1231,9 +1239,9 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
     with stop_cleanly("reward model", cfg, ("rm_batch_size",), lambda: kept_model(cfg.path("critic")), model):
         for step, idx in enumerate(bar, 1):
             model.train()
-            part = [train_rows[i] for i in my_share(idx)]
+            part = [examples[i] for i in my_share(idx)]
             # every answer of a prompt (chosen, its rejected ones) in one pass that reads the prompt once
-            prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in ranking_batch(tok, part, cfg))
+            prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in ranking_batch(part, tok.pad_token_id))
             per_token = shared_prompt_scores(wrapped, prompt_ids, prompt_mask, ids, mask, owner)
             s = at_last_token(per_token, mask)
             rc, rr = s[c], s[r]                 # one (chosen, rejected) pair per rejected answer
