@@ -1148,13 +1148,6 @@ def rm_batch(tok, rows, cfg: Config, key: str):
     return ids, mask
 
 
-def pair_batch(tok, rows, cfg: Config):
-    """One right-padded SFT-style batch: the chosen answers of `rows`, then their rejected answers."""
-    ex = [sft_example(tok, r["prompt"], r[k], cfg.max_prompt_tokens, cfg.max_response_tokens)
-          for k in ("chosen", "rejected") for r in rows]
-    return right_pad_batch(ex, tok.pad_token_id)
-
-
 def ranking_example(tok, row: dict, cfg: Config) -> tuple[list[int], list[list[int]]]:
     """One row tokenised: its prompt ids and its answers [chosen, rejected, *more_rejected] (up to rm_max_rejected
     rejected ones), each with EOS."""
@@ -1576,6 +1569,13 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
 
 
 # ============================================================================ DPO / GRPO
+
+
+def pair_batch(tok, rows, cfg: Config):
+    """One right-padded SFT-style batch: the chosen answers of `rows`, then their rejected answers."""
+    ex = [sft_example(tok, r["prompt"], r[k], cfg.max_prompt_tokens, cfg.max_response_tokens)
+          for k in ("chosen", "rejected") for r in rows]
+    return right_pad_batch(ex, tok.pad_token_id)
 
 
 def answer_logprobs(model, ids, mask, labels):
