@@ -109,7 +109,8 @@ def quiet() -> None:
 
 def sft_quality(model, tok, ev, cfg) -> dict:
     import util
-    ex = [util.sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in ev]
+    ex = util.sft_examples(tok, [r["prompt"] for r in ev], [r["response"] for r in ev], cfg.max_prompt_tokens,
+                           cfg.max_response_tokens)
     return {"heldout_loss": util.eval_sft_loss(model, ex, tok.pad_token_id, "cpu")}
 
 
@@ -214,7 +215,8 @@ def w_sft_trl(spec, seed, work, start: Path) -> dict:
     rss0 = rss_mb()
     t0 = time.perf_counter()
     # identical token ids and labels (prompt masked with -100), identical batches in identical order
-    ex = [util.sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for r in train]
+    ex = util.sft_examples(tok, [r["prompt"] for r in train], [r["response"] for r in train], cfg.max_prompt_tokens,
+                           cfg.max_response_tokens)
     plan = util.batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     order = [i for b in plan for i in b]
     ds = Dataset.from_dict({"input_ids": [ex[i][0] for i in order], "labels": [ex[i][1] for i in order]})
@@ -276,8 +278,9 @@ def w_rm_trl(spec, seed, work, start: Path) -> dict:
     model = util.load_score_model(start / "actor")
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    enc = lambda r, k: util.sft_example(tok, r["prompt"], r[k], cfg.max_prompt_tokens, cfg.max_response_tokens)[0]
-    chosen, rejected = [enc(r, "chosen") for r in train], [enc(r, "rejected") for r in train]
+    chosen, rejected = ([ids for ids, _ in util.sft_examples(tok, [r["prompt"] for r in train], [r[k] for r in train],
+                                                            cfg.max_prompt_tokens, cfg.max_response_tokens)]
+                        for k in ("chosen", "rejected"))
     plan = util.batches(len(train), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
     order = [i for b in plan for i in b]
     ds = Dataset.from_dict({"chosen_ids": [chosen[i] for i in order], "rejected_ids": [rejected[i] for i in order]})

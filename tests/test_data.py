@@ -151,6 +151,10 @@ def test_fit_rows_drops_only_the_overlong_extra_rejected(tok, capsys):
     cfg = util.get_config("smoke", max_response_tokens=6)
     row = {"prompt": "Human: q Assistant:", "chosen": " SELECT 1", "rejected": " SELECT 2",
            "more_rejected": [" SELECT 3", " SELECT a FROM b WHERE c = 1 AND d = 2"]}
-    kept = util.fit_rows(tok, [row], cfg, ("chosen", "rejected"))
+    kept = util.fit_rows(tok, [row], cfg, ("chosen", "rejected"), more_rejected=8)
     assert kept[0]["more_rejected"] == [" SELECT 3"] and len(row["more_rejected"]) == 2   # the input is not changed
     assert "skipped 1 more_rejected answers" in capsys.readouterr().out
+    assert util.fit_rows(tok, [row, row], cfg, ("chosen", "rejected"), more_rejected=1)[1]["more_rejected"] == [" SELECT 3"]
+    assert "skipped 2 more_rejected answers" in capsys.readouterr().out
+    assert util.fit_rows(tok, [row], cfg, ("chosen", "rejected"))[0] == row    # a stage that uses none: row as is
+    assert "more_rejected" not in capsys.readouterr().out

@@ -68,7 +68,7 @@ def test_shared_prompt_scores_equal_full_forward(tok, micro_dirs, rows):
     part = [dict(rows[0], more_rejected=[" SELECT", " SELECT name FROM x"]), dict(rows[1], more_rejected=[]),
             {k: v for k, v in rows[2].items() if k != "more_rejected"}]                # user data without the field
     cfg = util.get_config("smoke", rm_max_rejected=8)
-    p_ids, p_mask, ids, mask, owner, c, r = util.ranking_batch([util.ranking_example(tok, x, cfg) for x in part], tok.pad_token_id)
+    p_ids, p_mask, ids, mask, owner, c, r = util.ranking_batch(util.ranking_examples(tok, part, cfg), tok.pad_token_id)
     # answers: row 0 chosen, rejected, 2 more; row 1 chosen, rejected; row 2 chosen, rejected
     assert owner.tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
     assert c.tolist() == [0, 0, 0, 4, 6] and r.tolist() == [1, 2, 3, 5, 7]
@@ -80,7 +80,7 @@ def test_shared_prompt_scores_equal_full_forward(tok, micro_dirs, rows):
         shared = util.at_last_token(util.shared_prompt_scores(rm, p_ids, p_mask, ids, mask, owner), mask)
     assert torch.allclose(shared, full, atol=1e-5)                     # the prompt read once gives the same scores
     # the default rm_max_rejected=1 keeps only each row's own rejected answer
-    capped = util.ranking_batch([util.ranking_example(tok, x, micro_dirs) for x in part], tok.pad_token_id)
+    capped = util.ranking_batch(util.ranking_examples(tok, part, micro_dirs), tok.pad_token_id)
     assert capped[4].tolist() == [0, 0, 1, 1, 2, 2]
 
 
