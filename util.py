@@ -914,12 +914,9 @@ def stop_cleanly(stage: str, cfg: Config, batch_fields=(), kept=lambda: "", mode
 def left_pad(seqs: list[list[int]], pad_id: int):
     """(input_ids, attention_mask) with left padding, as generation wants."""
     import torch
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s)
-        mask[i, n - len(s):] = 1
+    n = max(len(s) for s in seqs)               # padded as Python lists: one tensor copy, not one per row
+    ids = torch.tensor([[pad_id] * (n - len(s)) + s for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     return ids, mask
 
 
@@ -1012,12 +1009,10 @@ def sft_example(tok, prompt: str, response: str, max_prompt: int, max_response: 
 def right_pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
     """(input_ids, attention_mask, labels) right-padded; pads get label -100."""
     import torch
-    n = max(len(x) for x, _ in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    n = max(len(x) for x, _ in examples)        # padded as Python lists: one tensor copy, not one per row
+    ids = torch.tensor([x + [pad_id] * (n - len(x)) for x, _ in examples], dtype=torch.long)
+    labels = torch.tensor([y + [-100] * (n - len(y)) for _, y in examples], dtype=torch.long)
+    mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x, _ in examples], dtype=torch.long)
     return ids, mask, labels
 
 
