@@ -7,8 +7,9 @@ same order) once more, in this process, ours then TRL, under torch.profiler, and
   * phases: preparing the data (tokenising and filtering the rows, util.fit_rows / util.sft_examples /
     util.ranking_examples), the held-out check inside util's training loop, and the training steps;
   * the self CPU time of the torch ops by group (the same groups as profile_ppo.py), over the whole worker.
-Writes bench/profile_train.md and bench/profile_train.json. The profiler slows every side by a few per cent; the
-rates in bench/results.md are the ones measured without it.
+Writes bench/profile_train.md and bench/profile_train.json. The profiler's per-op cost slows TRL's workers more
+than ours (its RM worker most: 38.6 s profiled vs 24 s in the bench): compare op times and shares here, and take
+the rates from bench/results.md, measured without it.
 """
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ def timed(phases: dict, state: dict, name: str, fn):
     return wrapper
 
 
+def after_training(state: dict, fn):
+    """fn, marking that the worker's timed part is over (what runs from here is not counted)."""
+    def wrapper(*a, **k):
+        state["after"] = True
+        return fn(*a, **k)
+    return wrapper
+
+
 def run(task: str, side: str) -> dict:
     """One bench worker under the profiler, its phases timed."""
     import util
@@ -53,11 +62,10 @@ def run(task: str, side: str) -> dict:
     phases, state = {}, {"depth": 0, "after": False}
     patched = {(util, n): getattr(util, n) for n in PREPARE + HELD_OUT}
     patched.update({(bench, n): getattr(bench, n) for n in ("sft_quality", "rm_quality")})
-    for (mod, n), f in patched.items():
-        setattr(mod, n, timed(phases, state, n, f) if mod is util else f)
+    for n in PREPARE + HELD_OUT:
+        setattr(util, n, timed(phases, state, n, patched[(util, n)]))
     for n in ("sft_quality", "rm_quality"):       # the worker's quality check, after its timed part: not counted
-        f = patched[(bench, n)]
-        setattr(bench, n, lambda *a, _f=f, **k: (state.update(after=True), _f(*a, **k))[1])
+        setattr(bench, n, after_training(state, patched[(bench, n)]))
     try:
         with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CPU]) as prof:
             res = bench.WORKERS[(task, side)](SPEC, 0, Path(tmp), START)
@@ -86,7 +94,8 @@ def main() -> int:
         {k: {kk: vv for kk, vv in v.items() if kk != "top_ops"} for k, v in res.items()}, indent=1))
     lines = ["# Where SFT's and the reward model's time goes (bench slice: half an epoch, 94 steps of 32 rows)", "",
              "Each bench worker once more under torch.profiler (`bench/profile_train.py`); seconds as the worker "
-             "times them (tokenising included, the quality check after training not).", ""]
+             "times them (tokenising included, the quality check after training not). The profiler's per-op cost "
+             "slows TRL's workers more than ours: compare op times and shares here; the rates are in results.md.", ""]
     for task, title in (("sft", "SFT vs SFTTrainer"), ("rm", "Reward model vs RewardTrainer")):
         o, t = res[f"{task}_ours"], res[f"{task}_trl"]
         lines += [f"## {title}", "", "| | ours | TRL |", "|---|---|---|",
