@@ -21,6 +21,23 @@ def test_label_masking_and_eos(tok, rows):
     assert (lab[1, 5:] == -100).all() and (mask[1, 5:] == 0).all() and (ids2[1, 5:] == tok.pad_token_id).all()
 
 
+def test_batched_tokenising_and_padding_equal_one_row_at_a_time(tok, rows):
+    prompts, answers = [r["prompt"] for r in rows[:20]], [r["chosen"] for r in rows[:20]]
+    one_by_one = []
+    for p, a in zip(prompts, answers):                                 # reference: one tokenizer call per text
+        pi = [tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]
+        ai = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        one_by_one.append((pi[-30:] + ai[:9], [-100] * len(pi[-30:]) + ai[:9]))
+    assert util.sft_examples(tok, prompts, answers, 30, 9) == one_by_one
+    ids, mask, labels = util.right_pad_batch(one_by_one, tok.pad_token_id)
+    left_ids, left_mask = util.left_pad([x for x, _ in one_by_one], tok.pad_token_id)
+    for i, (x, y) in enumerate(one_by_one):
+        n, pad = len(x), ids.shape[1] - len(x)
+        assert ids[i, :n].tolist() == x and labels[i, :n].tolist() == y and mask[i].tolist() == [1] * n + [0] * pad
+        assert ids[i, n:].tolist() == [tok.pad_token_id] * pad and labels[i, n:].tolist() == [-100] * pad
+        assert left_ids[i].tolist() == [tok.pad_token_id] * pad + x and left_mask[i].tolist() == [0] * pad + [1] * n
+
+
 def test_sft_loss_counts_only_response_tokens(tok, micro_dirs, rows):
     model = util.load_causal_lm(micro_dirs.path("actor"))
     ex = [util.sft_example(tok, r["prompt"], r["response"], 112, 40) for r in rows[:3]]
