@@ -922,7 +922,7 @@ def left_pad(seqs: list[list[int]], pad_id: int):
 
 def encode_prompts(tok, prompts: list[str], max_tokens: int):
     """Left-padded prompt batch; over-long prompts keep their last max_tokens tokens."""
-    seqs = [encode_prompt(tok, p)[-max_tokens:] for p in prompts]
+    seqs = [p[-max_tokens:] for p in encode_batch(tok, prompts, bos=True)]
     return left_pad(seqs, tok.pad_token_id)
 
 
