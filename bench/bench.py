@@ -391,6 +391,147 @@ def w_ppo_trl(spec, seed, work, start: Path) -> dict:
             "quality": policy_quality(policy, tok, ev, cfg, start, seed)}
 
 
+# ---------------------------------------------------------------------------- floors: the arithmetic alone
+# What the same arithmetic costs as a bare PyTorch loop: batches tokenised and padded before the clock starts, then
+# forward, loss, backward, clip, AdamW step, and nothing else (no checks, no logging, no held-out curve, no data
+# preparation). No implementation of the same arithmetic on this machine can be faster than its floor, so
+# TRL's time / floor is the highest speed-up over TRL that is possible without changing the work.
+
+
+def floor_result(dt: float, units: float, steps: int, rss0: float, **extra) -> dict:
+    """A floor worker's result, in the shape summarise() reads (no quality: the floor trains nothing to keep)."""
+    return {"seconds": dt, "units": units, "steps": steps, "rss_start_mb": rss0, "peak_rss_mb": peak_rss_mb(),
+            "quality": {}, **extra}
+
+
+def bare_steps(model, batches: list, loss_fn, opt, sched) -> float:
+    """Seconds for one optimizer step per batch: loss_fn(model, batch), backward, clip at norm 1.0, step."""
+    import torch
+    model.train()
+    t0 = time.perf_counter()
+    for b in batches:
+        loss = loss_fn(model, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    return time.perf_counter() - t0
+
+
+def w_sft_floor(spec, seed, work, start: Path) -> dict:
+    """SFT's 94 steps as a bare loop: the same batches, the model's own cross-entropy over the answer tokens."""
+    import util
+    cfg = make_cfg(spec, seed, work)
+    cfg.sft_epochs = spec["sft_epochs"]
+    train, _ = load_data(cfg)
+    tok = util.load_tokenizer(start / "base_actor")
+    model = util.load_causal_lm(start / "base_actor")
+    rows = util.fit_rows(tok, train, cfg, ("response",), "SFT training rows")
+    ex = util.sft_examples(tok, [r["prompt"] for r in rows], [r["response"] for r in rows], cfg.max_prompt_tokens,
+                           cfg.max_response_tokens)
+    plan = util.batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
+    batches = [util.right_pad_batch([ex[i] for i in idx], tok.pad_token_id) for idx in plan]
+    opt, sched = util.make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
+    rss0 = rss_mb()
+    dt = bare_steps(model, batches, lambda m, b: m(input_ids=b[0], attention_mask=b[1], labels=b[2]).loss, opt, sched)
+    return floor_result(dt, cfg.sft_epochs, len(plan), rss0)
+
+
+def w_rm_floor(spec, seed, work, start: Path, full: bool = False) -> dict:
+    """The reward model's 94 steps as a bare loop, pairwise loss at the EOS: our arithmetic (each prompt read once,
+    util.shared_prompt_scores) or, full=True, TRL's (chosen and rejected as two full sequences, one batch)."""
+    import torch
+    import util
+    cfg = make_cfg(spec, seed, work)
+    cfg.rm_epochs, cfg.rm_max_rejected = spec["rm_epochs"], 1
+    train, _ = load_data(cfg)
+    tok = util.load_tokenizer(start / "actor")
+    util.set_seed(seed)
+    model = util.load_score_model(start / "actor")
+    rows = util.fit_rows(tok, train, cfg, ("chosen", "rejected"), "reward-model training pairs")
+    ex = util.ranking_examples(tok, rows, cfg)
+    plan = util.batches(len(rows), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
+    if full:
+        batches = [util.right_pad_batch([(ex[i][0] + a, ex[i][0] + a) for i in idx for a in ex[i][1]],
+                                        tok.pad_token_id)[:2] for idx in plan]
+
+        def loss_fn(m, b):
+            s = util.reward_scores(m, b[0], b[1], normalized=False)
+            return util.pairwise_loss(s[0::2], s[1::2])           # rows: chosen, rejected, chosen, rejected, ...
+    else:
+        batches = [util.ranking_batch([ex[i] for i in idx], tok.pad_token_id) for idx in plan]
+
+        def loss_fn(m, b):
+            prompt_ids, prompt_mask, ids, mask, owner, c, r = b
+            s = util.at_last_token(util.shared_prompt_scores(m, prompt_ids, prompt_mask, ids, mask, owner), mask)
+            return util.pairwise_loss(s[c], s[r])
+    opt, sched = util.make_optimizer(model, cfg.rm_lr, len(plan))
+    rss0 = rss_mb()
+    dt = bare_steps(model, batches, loss_fn, opt, sched)
+    tokens = sum(int(t.numel()) for b in batches for t in (b[:1] if full else (b[0], b[2])))
+    return floor_result(dt, cfg.rm_epochs, len(plan), rss0, padded_tokens=tokens)
+
+
+def w_rm_floor_full(spec, seed, work, start: Path) -> dict:
+    return w_rm_floor(spec, seed, work, start, full=True)
+
+
+def w_ppo_floor(spec, seed, work, start: Path) -> dict:
+    """PPO's 12 rollout batches as bare loops: model.generate (KV cache) on the pre-encoded prompts, three no-grad
+    passes (reference log-probs, values, reward: TRL's count, one fewer than ours), then ppo_epochs x minibatches
+    of actor and critic forward, a clipped-ratio + value loss, one backward, two clips, two AdamW steps. No masks,
+    whitening, GAE, KL, decoding, sqlite or logging: cheaper than either side's iteration."""
+    import torch
+    import util
+    cfg = make_cfg(spec, seed, work)
+    train, _ = load_data(cfg)
+    tok = util.load_tokenizer(start / "actor")
+    actor, ref = util.load_causal_lm(start / "actor"), util.load_causal_lm(start / "actor")
+    critic, rm = util.load_score_model(start / "critic"), util.load_score_model(start / "critic")
+    opt_a = torch.optim.AdamW(actor.parameters(), lr=cfg.ppo_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.ppo_vf_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rows = ppo_prompt_rows(train, cfg, spec["ppo_batches"])
+    n = cfg.rollout_batch_size
+    encoded = [util.encode_prompts(tok, [r["prompt"] for r in rows[i:i + n]], cfg.max_prompt_tokens)
+               for i in range(0, len(rows), n)]
+    for m in (actor, ref, critic, rm):
+        m.eval()                               # dropout is off in these models; eval() only for generate's sake
+    util.set_seed(seed)
+    rss0 = rss_mb()
+    t0 = time.perf_counter()
+    for ids, mask in encoded:
+        lq = ids.shape[1]
+        with torch.no_grad():
+            qr = actor.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_response_tokens,
+                                do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+            attn = (qr != tok.pad_token_id).long()
+            attn[:, :lq] = mask
+            old_lp, _ = util.response_logprobs(ref, qr, attn, lq, cfg.temperature)    # TRL's generate gives the actor's
+            values = util.token_scores(critic, qr, attn)[:, lq - 1:-1]
+            util.reward_scores(rm, qr, attn)
+        adv, ret = torch.randn_like(old_lp), torch.randn_like(values)
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(n)
+            for s in range(0, n, cfg.ppo_minibatch_size):
+                mb = perm[s:s + cfg.ppo_minibatch_size]
+                lp, _ = util.response_logprobs(actor, qr[mb], attn[mb], lq, cfg.temperature)
+                v = util.token_scores(critic, qr[mb], attn[mb])[:, lq - 1:-1]
+                ratio = torch.exp(lp - old_lp[mb])
+                pg = torch.max(-adv[mb] * ratio, -adv[mb] * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)).mean()
+                loss = pg + cfg.vf_coef * 0.5 * ((v - ret[mb]) ** 2).mean()
+                opt_a.zero_grad(set_to_none=True)
+                opt_c.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                opt_a.step()
+                opt_c.step()
+    dt = time.perf_counter() - t0
+    return floor_result(dt, len(encoded), len(encoded), rss0, episodes=len(rows))
+
+
 # ---------------------------------------------------------------------------- DPO (trl 1.16, bench/.venv116)
 
 
@@ -648,7 +789,8 @@ WORKERS = {("setup", "ours"): w_setup, ("sft", "ours"): w_sft_ours, ("sft", "trl
            ("rm", "ours"): w_rm_ours, ("rm", "ours_prefix"): w_rm_ours_prefix, ("rm", "trl"): w_rm_trl,
            ("ppo", "ours"): w_ppo_ours, ("ppo", "trl"): w_ppo_trl, ("dpo", "ours"): w_dpo_ours,
            ("dpo", "trl"): w_dpo_trl, ("grpo", "ours"): w_grpo_ours, ("grpo", "trl"): w_grpo_trl,
-           ("gen", "ours"): w_gen}
+           ("gen", "ours"): w_gen, ("sft", "floor"): w_sft_floor, ("rm", "floor"): w_rm_floor,
+           ("rm", "floor_full"): w_rm_floor_full, ("ppo", "floor"): w_ppo_floor}
 
 
 def worker_main(a) -> int:
@@ -747,8 +889,16 @@ def summarise(runs: list[dict], unit_key="units") -> dict:
     return out
 
 
+def ceiling(p: dict, name: str):
+    """TRL's time / the floor's: the highest speed-up over TRL that the same arithmetic allows (None: no floor)."""
+    x = p.get(name, {})
+    if "floor" not in x:
+        return None
+    return x["trl"]["seconds_per_unit_median"] / x["floor"]["seconds_per_unit_median"]
+
+
 def evaluate_targets(res: dict) -> dict:
-    """The issue's targets, each with the figures it was judged on."""
+    """The issue's targets, each with the figures it was judged on (and, when a floor ran, the ceiling)."""
     t = {}
     p = res["pairs"]
     if "sft" in p:
@@ -773,6 +923,10 @@ def evaluate_targets(res: dict) -> dict:
             "speedup": sp, "ours_gold_gain": go, "trl_gold_gain": gt, "met": sp >= 2 and go >= gt - 0.02,
             "rule": "our episodes/s / TRL's >= 2 and our held-out sampled exec-accuracy gain >= TRL's - 0.02 "
                     "(0.02 ~ one standard error of a difference of two accuracies on 600 prompts)"}
+    for key, name in (("sft_1.5x_at_equal_quality", "sft"), ("rm_1.5x_at_equal_quality", "rm"),
+                      ("ppo_2x_with_equal_or_better_gold_gain", "ppo")):
+        if key in t and ceiling(p, name) is not None:
+            t[key]["ceiling_trl_over_floor"] = ceiling(p, name)
     if "gen" in res:
         v = res["gen"]["variants"]
         ov = v["bare_generate"]["tokens_per_s"] / v["ours_generate"]["tokens_per_s"] - 1
@@ -794,9 +948,9 @@ NOT_IDENTICAL = [
     "SFT/RM: ours includes its own tokenisation and one held-out check (200 rows) at the end of training; TRL's time "
     "includes building its dataset from our token ids and the trainer's set-up. TRL computes its per-step "
     "metrics (entropy, token accuracy / reward stats) as it does by default.",
-    "RM: our default recipe adds a rejected-prefix ranking term (rm_prefix_weight=1) and also ranks each row's "
-    "more_rejected answers below its chosen one (about 5 pairs a prompt instead of 1); TRL has neither, so the pair "
-    "runs ours with rm_prefix_weight=0 and rm_max_rejected=1, and our default recipe is shown in an extra row. "
+    "RM: our default recipe adds a rejected-prefix ranking term (rm_prefix_weight=1), which TRL does not have, so the "
+    "pair runs ours with rm_prefix_weight=0 (and, as by default, rm_max_rejected=1: each row's own rejected answer "
+    "only), and our default recipe is shown in an extra row. "
     "Ours reads each prompt once for its chosen and rejected answers (shared keys/values); TRL runs both "
     "full sequences.",
     "Made identical on purpose (TRL's defaults differ): our AdamW and LR schedule objects are passed to the TRL "
@@ -865,7 +1019,7 @@ def write_markdown(res: dict, path: Path) -> str:
                      f"{fmt(r['quality_median']['heldout_pair_acc'], 3)} |")
         if "ours_prefix" in p["rm"]:
             x = p["rm"]["ours_prefix"]
-            lines.append(f"| (ours, default recipe: + prefix loss, + more_rejected) | same | {fmt(x['seconds_per_unit_median'], 1)} "
+            lines.append(f"| (ours, default recipe: + prefix loss) | same | {fmt(x['seconds_per_unit_median'], 1)} "
                          f"s/epoch | | | {x['peak_rss_mb_median']:.0f} MiB | | pair acc. "
                          f"{fmt(x['quality_median']['heldout_pair_acc'], 3)} | |")
     if "ppo" in p:
@@ -903,6 +1057,30 @@ def write_markdown(res: dict, path: Path) -> str:
                      f"{o['peak_rss_mb_median']:.0f} MiB | {r['peak_rss_mb_median']:.0f} MiB | exec. acc. greedy "
                      f"{qo['exec_acc_greedy']:.3f} ({qo['gold_gain_greedy']:+.3f}, KL {qo['kl_to_sft']:.2f}) | "
                      f"{qr['exec_acc_greedy']:.3f} ({qr['gold_gain_greedy']:+.3f}, KL {qr['kl_to_sft']:.2f}) |")
+    floors = [n for n in ("sft", "rm", "ppo") if "floor" in p.get(n, {})]
+    if floors:
+        unit = {"sft": "s/epoch", "rm": "s/epoch", "ppo": "s/batch"}
+        target = {"sft": 1.5, "rm": 1.5, "ppo": 2.0}
+        lines += ["", "Floors: the same arithmetic as a bare PyTorch loop, measured in the same rounds (batches "
+                  "tokenised and padded before the clock starts; then forward, loss, backward, clip, AdamW step and "
+                  "nothing else: no checks, logging, held-out curve or data preparation; `w_*_floor` in "
+                  "bench/bench.py). No implementation of that arithmetic can beat its floor on this machine, so "
+                  "TRL's time / floor is the highest speed-up over TRL possible without changing the work.", "",
+                  "| stage | floor (arithmetic) | floor | ours | TRL | ours / floor | TRL / floor = highest possible "
+                  "speed-up | target |", "|---|---|---|---|---|---|---|---|"]
+        what = {"sft": f"the same {res['steps'].get('sft', '')} steps: forward with labels, backward, clip, step",
+                "rm": "ours: each prompt read once (`util.shared_prompt_scores`), pairwise loss at the EOS",
+                "ppo": "bare `generate` + 3 no-grad passes (TRL's count) + 4 epochs × 4 minibatches of actor and "
+                       "critic forward/backward/step"}
+        for n in floors:
+            f, o, r = (p[n][k]["seconds_per_unit_median"] for k in ("floor", "ours", "trl"))
+            lines.append(f"| {n.upper()} | {what[n]} | {f:.{1 if n != 'ppo' else 2}f} {unit[n]} | "
+                         f"{o:.{1 if n != 'ppo' else 2}f} | {r:.{1 if n != 'ppo' else 2}f} | {o / f:.2f}× | "
+                         f"**{r / f:.2f}×** | {target[n]:.1f}× |")
+            if n == "rm" and "floor_full" in p[n]:
+                ff = p[n]["floor_full"]["seconds_per_unit_median"]
+                lines.append(f"| RM | TRL's arithmetic: chosen and rejected as two full sequences | {ff:.1f} "
+                             f"{unit[n]} | | {r:.1f} | | {r / ff:.2f}× (TRL over its own floor) | |")
     if {"dpo", "grpo"} & set(p):
         same = all(x.get("same_token_ids", True) for n in ("dpo", "grpo") for x in res["raw"].get(n, {}).get("trl", []))
         lines += ["", "DPO and GRPO quality: execution accuracy of greedy answers on the held-out prompts (in brackets: "
@@ -969,8 +1147,11 @@ def plot(res: dict, path: Path) -> None:
         if n in targets:
             axes[2].hlines(targets[n], i - 0.3, i + 0.3, colors="k", linestyles="--")
         axes[2].text(i, sp[i], f"{sp[i]:.2f}×", ha="center", va="bottom", fontsize=9)
+        if ceiling(p, n) is not None:           # the most the same arithmetic allows (TRL / bare-loop floor)
+            axes[2].plot([i], [ceiling(p, n)], marker="v", color="k", ms=8, ls="none",
+                         label="highest possible (TRL / floor)" if i == 0 else None)
     axes[2].set_xticks(list(x), [labels[n].split("\n")[0] for n in names])
-    axes[2].set_title("speed-up over TRL (dashed: target, if any)", fontsize=10)
+    axes[2].set_title("speed-up over TRL (dashed: target; ▼: TRL / floor)", fontsize=10)
     axes[2].grid(axis="y", alpha=0.3)
     fig.suptitle(f"tiny-rlhf vs TRL {trl_versions(res)}, same work, {res['machine']['cpu']}, "
                  f"{res['machine']['cores']} cores", fontsize=10)
@@ -1016,7 +1197,8 @@ def orchestrate(a) -> int:
     cfg = util.get_config(spec["preset"])
     pairs = {}
     skipped = {}
-    sides = {"sft": ["ours", "trl"], "rm": ["ours", "trl", "ours_prefix"], "ppo": ["ours", "trl"],
+    sides = {"sft": ["ours", "trl", "floor"], "rm": ["ours", "trl", "ours_prefix", "floor", "floor_full"],
+             "ppo": ["ours", "trl", "floor"],
              "dpo": ["ours", "trl"], "grpo": ["ours", "trl"]}
     for pr in PAIRS:
         if pr.needs and not hasattr(util, pr.needs):
