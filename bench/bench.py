@@ -8,6 +8,9 @@ environment, which holds both our util.py's dependencies and TRL; our side and T
 round, and the figures are medians over rounds. Starting points (base model, SFT actor, reward model, the SFT
 policy's held-out accuracy) are trained once by `worker setup` and cached under bench/out/start/.
 
+Floors (`worker sft|rm|ppo floor`, in the same rounds): the same arithmetic as a bare PyTorch loop, so that
+TRL's time / floor bounds the speed-up any implementation of that arithmetic could reach.
+
 Each pair (see PAIRS below) runs both its sides in one environment: bench/.venv (trl 1.12, the last with
 PPOTrainer) for SFT, RM and PPO; bench/.venv116 (trl 1.16) for DPO and GRPO. A pair whose util.py function does
 not exist is listed in results.json under "skipped" with the reason.
