@@ -1001,6 +1001,12 @@ def sft_examples(tok, prompts: list[str], responses: list[str], max_prompt: int,
     return out
 
 
+def row_examples(tok, rows: list[dict], cfg: Config, key: str = "response"):
+    """sft_examples of each row's prompt -> row[key], cut to the config's prompt and answer lengths."""
+    return sft_examples(tok, [r["prompt"] for r in rows], [r[key] for r in rows], cfg.max_prompt_tokens,
+                        cfg.max_response_tokens)
+
+
 def sft_example(tok, prompt: str, response: str, max_prompt: int, max_response: int):
     """One (input_ids, labels) pair, as sft_examples."""
     return sft_examples(tok, [prompt], [response], max_prompt, max_response)[0]
@@ -1064,8 +1070,7 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
     check_tokenizer_matches(tok, model, cfg)
     train_rows = fit_rows(tok, train_rows, cfg, ("response",), "SFT training rows")
     eval_rows = fit_rows(tok, eval_rows[:200], cfg, ("response",), "SFT held-out rows")
-    ex, ev = (sft_examples(tok, [r["prompt"] for r in rows], [r["response"] for r in rows], cfg.max_prompt_tokens,
-                           cfg.max_response_tokens) for rows in (train_rows, eval_rows))
+    ex, ev = row_examples(tok, train_rows, cfg), row_examples(tok, eval_rows, cfg)
     plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
@@ -1159,8 +1164,7 @@ def mistake_positions(ids_chosen, ids_rejected, mask_chosen, mask_rejected):
 
 def rm_batch(tok, rows, cfg: Config, key: str):
     """Right-padded (ids, mask) of prompt + rows[key] + EOS."""
-    ex = sft_examples(tok, [r["prompt"] for r in rows], [r[key] for r in rows], cfg.max_prompt_tokens, cfg.max_response_tokens)
-    ids, mask, _ = right_pad_batch(ex, tok.pad_token_id)
+    ids, mask, _ = right_pad_batch(row_examples(tok, rows, cfg, key), tok.pad_token_id)
     return ids, mask
 
 
@@ -1594,9 +1598,8 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
 
 def pair_batch(tok, rows, cfg: Config):
     """One right-padded SFT-style batch: the chosen answers of `rows`, then their rejected answers."""
-    ex = [e for k in ("chosen", "rejected") for e in sft_examples(
-        tok, [r["prompt"] for r in rows], [r[k] for r in rows], cfg.max_prompt_tokens, cfg.max_response_tokens)]
-    return right_pad_batch(ex, tok.pad_token_id)
+    return right_pad_batch(row_examples(tok, rows, cfg, "chosen") + row_examples(tok, rows, cfg, "rejected"),
+                           tok.pad_token_id)
 
 
 def answer_logprobs(model, ids, mask, labels):

@@ -112,8 +112,7 @@ def quiet() -> None:
 
 def sft_quality(model, tok, ev, cfg) -> dict:
     import util
-    ex = util.sft_examples(tok, [r["prompt"] for r in ev], [r["response"] for r in ev], cfg.max_prompt_tokens,
-                           cfg.max_response_tokens)
+    ex = util.row_examples(tok, ev, cfg)
     return {"heldout_loss": util.eval_sft_loss(model, ex, tok.pad_token_id, "cpu")}
 
 
@@ -189,13 +188,18 @@ def w_setup(spec, seed, work, start: Path) -> dict:
 # ---------------------------------------------------------------------------- SFT
 
 
-def w_sft_ours(spec, seed, work, start: Path) -> dict:
+def sft_setup(spec, seed, work, start: Path):
+    """(cfg with the bench's SFT slice, train rows, held-out rows, tokenizer, base model): every SFT worker's start."""
     import util
     cfg = make_cfg(spec, seed, work)
     cfg.sft_epochs = spec["sft_epochs"]
     train, ev = load_data(cfg)
-    tok = util.load_tokenizer(start / "base_actor")
-    model = util.load_causal_lm(start / "base_actor")
+    return cfg, train, ev, util.load_tokenizer(start / "base_actor"), util.load_causal_lm(start / "base_actor")
+
+
+def w_sft_ours(spec, seed, work, start: Path) -> dict:
+    import util
+    cfg, train, ev, tok, model = sft_setup(spec, seed, work, start)
     rss0 = rss_mb()
     t0 = time.perf_counter()
     util.train_sft(model, tok, train, ev, cfg, "cpu", n_logs=1)          # one held-out curve point, at the end
@@ -210,16 +214,11 @@ def w_sft_trl(spec, seed, work, start: Path) -> dict:
     import util
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
-    cfg = make_cfg(spec, seed, work)
-    cfg.sft_epochs = spec["sft_epochs"]
-    train, ev = load_data(cfg)
-    tok = util.load_tokenizer(start / "base_actor")
-    model = util.load_causal_lm(start / "base_actor")
+    cfg, train, ev, tok, model = sft_setup(spec, seed, work, start)
     rss0 = rss_mb()
     t0 = time.perf_counter()
     # identical token ids and labels (prompt masked with -100), identical batches in identical order
-    ex = util.sft_examples(tok, [r["prompt"] for r in train], [r["response"] for r in train], cfg.max_prompt_tokens,
-                           cfg.max_response_tokens)
+    ex = util.row_examples(tok, train, cfg)
     plan = util.batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     order = [i for b in plan for i in b]
     ds = Dataset.from_dict({"input_ids": [ex[i][0] for i in order], "labels": [ex[i][1] for i in order]})
@@ -243,17 +242,26 @@ def w_sft_trl(spec, seed, work, start: Path) -> dict:
 # ---------------------------------------------------------------------------- reward model
 
 
-def w_rm_ours(spec, seed, work, start: Path, prefix: bool = False) -> dict:
+def rm_setup(spec, seed, work, start: Path, **overrides):
+    """(cfg with the bench's RM slice and overrides, train rows, held-out rows, tokenizer, a fresh score model on
+    the SFT actor): every RM worker's start."""
     import util
     cfg = make_cfg(spec, seed, work)
     cfg.rm_epochs = spec["rm_epochs"]
-    if not prefix:
-        cfg.rm_prefix_weight = 0.0          # TRL's objective: the pairwise loss at the EOS only
-        cfg.rm_max_rejected = 1             # and TRL's pairs: each row's own rejected answer, not more_rejected
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     train, ev = load_data(cfg)
     tok = util.load_tokenizer(start / "actor")
     util.set_seed(seed)                     # the fresh score head is drawn from the RNG: same draw on both sides
-    model = util.load_score_model(start / "actor")
+    return cfg, train, ev, tok, util.load_score_model(start / "actor")
+
+
+def w_rm_ours(spec, seed, work, start: Path, prefix: bool = False) -> dict:
+    import util
+    # without prefix: TRL's objective (the pairwise loss at the EOS only) and TRL's pairs (each row's own rejected
+    # answer, not more_rejected)
+    cfg, train, ev, tok, model = rm_setup(spec, seed, work, start,
+                                          **({} if prefix else {"rm_prefix_weight": 0.0, "rm_max_rejected": 1}))
     rss0 = rss_mb()
     t0 = time.perf_counter()
     util.train_reward(model, tok, train, ev, cfg, "cpu", n_logs=1)
@@ -273,17 +281,10 @@ def w_rm_trl(spec, seed, work, start: Path) -> dict:
     import util
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
-    cfg = make_cfg(spec, seed, work)
-    cfg.rm_epochs = spec["rm_epochs"]
-    train, ev = load_data(cfg)
-    tok = util.load_tokenizer(start / "actor")
-    util.set_seed(seed)                     # the fresh score head is drawn from the RNG: same draw on both sides
-    model = util.load_score_model(start / "actor")
+    cfg, train, ev, tok, model = rm_setup(spec, seed, work, start)
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    chosen, rejected = ([ids for ids, _ in util.sft_examples(tok, [r["prompt"] for r in train], [r[k] for r in train],
-                                                            cfg.max_prompt_tokens, cfg.max_response_tokens)]
-                        for k in ("chosen", "rejected"))
+    chosen, rejected = ([ids for ids, _ in util.row_examples(tok, train, cfg, k)] for k in ("chosen", "rejected"))
     plan = util.batches(len(train), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
     order = [i for b in plan for i in b]
     ds = Dataset.from_dict({"chosen_ids": [chosen[i] for i in order], "rejected_ids": [rejected[i] for i in order]})
@@ -423,16 +424,11 @@ def bare_steps(model, batches: list, loss_fn, opt, sched) -> float:
 
 
 def w_sft_floor(spec, seed, work, start: Path) -> dict:
-    """SFT's 94 steps as a bare loop: the same batches, the model's own cross-entropy over the answer tokens."""
+    """The SFT slice's steps as a bare loop: the same batches, the model's own cross-entropy over the answer tokens."""
     import util
-    cfg = make_cfg(spec, seed, work)
-    cfg.sft_epochs = spec["sft_epochs"]
-    train, _ = load_data(cfg)
-    tok = util.load_tokenizer(start / "base_actor")
-    model = util.load_causal_lm(start / "base_actor")
+    cfg, train, _, tok, model = sft_setup(spec, seed, work, start)
     rows = util.fit_rows(tok, train, cfg, ("response",), "SFT training rows")
-    ex = util.sft_examples(tok, [r["prompt"] for r in rows], [r["response"] for r in rows], cfg.max_prompt_tokens,
-                           cfg.max_response_tokens)
+    ex = util.row_examples(tok, rows, cfg)
     plan = util.batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     batches = [util.right_pad_batch([ex[i] for i in idx], tok.pad_token_id) for idx in plan]
     opt, sched = util.make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
@@ -442,16 +438,10 @@ def w_sft_floor(spec, seed, work, start: Path) -> dict:
 
 
 def w_rm_floor(spec, seed, work, start: Path, full: bool = False) -> dict:
-    """The reward model's 94 steps as a bare loop, pairwise loss at the EOS: our arithmetic (each prompt read once,
+    """The RM slice's steps as a bare loop, pairwise loss at the EOS: our arithmetic (each prompt read once,
     util.shared_prompt_scores) or, full=True, TRL's (chosen and rejected as two full sequences, one batch)."""
-    import torch
     import util
-    cfg = make_cfg(spec, seed, work)
-    cfg.rm_epochs, cfg.rm_max_rejected = spec["rm_epochs"], 1
-    train, _ = load_data(cfg)
-    tok = util.load_tokenizer(start / "actor")
-    util.set_seed(seed)
-    model = util.load_score_model(start / "actor")
+    cfg, train, _, tok, model = rm_setup(spec, seed, work, start, rm_max_rejected=1)
     rows = util.fit_rows(tok, train, cfg, ("chosen", "rejected"), "reward-model training pairs")
     ex = util.ranking_examples(tok, rows, cfg)
     plan = util.batches(len(rows), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
@@ -481,7 +471,7 @@ def w_rm_floor_full(spec, seed, work, start: Path) -> dict:
 
 
 def w_ppo_floor(spec, seed, work, start: Path) -> dict:
-    """PPO's 12 rollout batches as bare loops: model.generate (KV cache) on the pre-encoded prompts, three no-grad
+    """The PPO slice's rollout batches as bare loops: model.generate (KV cache) on the pre-encoded prompts, three no-grad
     passes (reference log-probs, values, reward: TRL's count, one fewer than ours), then ppo_epochs x minibatches
     of actor and critic forward, a clipped-ratio + value loss, one backward, two clips, two AdamW steps. No masks,
     whitening, GAE, KL, decoding, sqlite or logging: cheaper than either side's iteration."""
