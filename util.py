@@ -632,7 +632,14 @@ def encode_batch(tok, texts: list[str], bos: bool = False, eos: bool = False) ->
     """Token ids of many texts in one tokenizer call (twice as fast as one call each), BOS/EOS added if asked."""
     front = [tok.bos_token_id] if bos and tok.bos_token_id is not None else []
     back = [tok.eos_token_id] if eos else []
-    return [front + ids + back for ids in tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+    if not texts:
+        return []
+    # the Rust tokenizer's own batch call gives the same ids as tok(texts) in a third of the time: the wrapper
+    # around it (attention masks, BatchEncoding) costs more than the tokenising; a slow tokenizer has no backend
+    fast = getattr(getattr(tok, "backend_tokenizer", None), "encode_batch_fast", None)
+    ids = ([e.ids for e in fast(list(texts), add_special_tokens=False)] if fast
+           else tok(list(texts), add_special_tokens=False)["input_ids"])
+    return [front + x + back for x in ids]
 
 
 def encode_prompt(tok, prompt: str) -> list[int]:
@@ -984,8 +991,10 @@ def logprobs_from_logits(logits, tokens, temperature: float = 1.0):
 
 def response_logprobs(model, query_responses, attention_mask, context_length: int, temperature: float = 1.0):
     """Per-token log-probs of the response part; logits at position t predict token t+1."""
-    logits = model(input_ids=query_responses, attention_mask=attention_mask).logits
-    logits = logits[:, context_length - 1:-1]
+    # the LM head (vocab-wide: the costliest layer per token here) runs only where a response token is predicted,
+    # not on the prompt: logits_to_keep keeps the last positions, from the prompt's last token on
+    keep = query_responses.shape[1] - context_length + 1
+    logits = model(input_ids=query_responses, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]
     return logprobs_from_logits(logits, query_responses[:, context_length:], temperature), logits
 
 
@@ -1043,10 +1052,25 @@ def make_optimizer(model, lr: float, steps: int, warmup: float = 0.05, weight_de
     return opt, get_cosine_schedule_with_warmup(opt, int(warmup * steps), steps)
 
 
+def label_logits(model, ids, mask, labels):
+    """Logits at the positions that predict a labelled token only, as one (tokens, vocab) tensor: the LM head
+    (vocab-wide: the costliest layer per token here) skips the prompt and the pads, most of each row."""
+    predicts = labels[:, 1:] != -100            # position t predicts token t+1
+    # cut the head's input inside an ordinary forward: through an accelerate (DDP) wrapper, which syncs gradients
+    # only that way
+    head = unwrap(model).get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda module, args: (args[0][:, :-1][predicts],))
+    try:
+        return model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        hook.remove()
+
+
 def sft_loss(model, batch, device):
-    """Mean cross-entropy over response tokens (transformers shifts the labels by one)."""
+    """Mean cross-entropy over response tokens, the label of each position being the next token."""
+    import torch.nn.functional as F
     ids, mask, labels = (t.to(device) for t in batch)
-    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    return F.cross_entropy(label_logits(model, ids, mask, labels).float(), labels[:, 1:][labels[:, 1:] != -100])
 
 
 def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) -> float:
@@ -1604,9 +1628,12 @@ def pair_batch(tok, rows, cfg: Config):
 
 def answer_logprobs(model, ids, mask, labels):
     """log pi(answer | prompt) of each row: the sum of the log-probs of its labelled (answer) tokens."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]    # position t predicts token t+1
+    import torch
     target = labels[:, 1:]
-    return (logprobs_from_logits(logits, target.clamp(min=0)) * (target != -100)).sum(1)
+    keep = target != -100
+    logp = logprobs_from_logits(label_logits(model, ids, mask, labels), target[keep])
+    row = keep.nonzero()[:, 0]                  # the row each labelled token belongs to
+    return torch.zeros(len(ids), dtype=logp.dtype, device=logp.device).index_add(0, row, logp)
 
 
 def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid"):

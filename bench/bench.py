@@ -424,7 +424,8 @@ def bare_steps(model, batches: list, loss_fn, opt, sched) -> float:
 
 
 def w_sft_floor(spec, seed, work, start: Path) -> dict:
-    """The SFT slice's steps as a bare loop: the same batches, the model's own cross-entropy over the answer tokens."""
+    """The SFT slice's steps as a bare loop: the same batches, util.sft_loss (the cross-entropy over the answer tokens,
+    the LM head run at those positions only: our arithmetic)."""
     import util
     cfg, train, _, tok, model = sft_setup(spec, seed, work, start)
     rows = util.fit_rows(tok, train, cfg, ("response",), "SFT training rows")
@@ -433,7 +434,7 @@ def w_sft_floor(spec, seed, work, start: Path) -> dict:
     batches = [util.right_pad_batch([ex[i] for i in idx], tok.pad_token_id) for idx in plan]
     opt, sched = util.make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
     rss0 = rss_mb()
-    dt = bare_steps(model, batches, lambda m, b: m(input_ids=b[0], attention_mask=b[1], labels=b[2]).loss, opt, sched)
+    dt = bare_steps(model, batches, lambda m, b: util.sft_loss(m, b, "cpu"), opt, sched)
     return floor_result(dt, cfg.sft_epochs, len(plan), rss0)
 
 
@@ -938,6 +939,10 @@ NOT_IDENTICAL = [
     "them into different batches, and the sampled answers differ (different random streams).",
     "PPO: TRL whitens advantages with the unbiased variance, ours with the biased one; TRL adds 1e-7 to the "
     "temperature. One AdamW with two parameter groups on TRL's side (its API), two AdamW on ours: the same update.",
+    "SFT, PPO, DPO, GRPO: ours runs the LM head (a 1111-wide output per token) only at the positions that predict an "
+    "answer token (util.label_logits, logits_to_keep), about a fifth of each padded row; TRL's SFTTrainer and "
+    "PPOTrainer run it at every position (DPOTrainer and GRPOTrainer use their own fused, chunked head). The same "
+    "loss and gradients (unit test); less arithmetic.",
     "SFT/RM: ours includes its own tokenisation and one held-out check (200 rows) at the end of training; TRL's time "
     "includes building its dataset from our token ids and the trainer's set-up. TRL computes its per-step "
     "metrics (entropy, token accuracy / reward stats) as it does by default.",
@@ -1061,7 +1066,7 @@ def write_markdown(res: dict, path: Path) -> str:
                   "TRL's time / floor is the highest speed-up over TRL possible without changing the work.", "",
                   "| stage | floor (arithmetic) | floor | ours | TRL | ours / floor | TRL / floor = highest possible "
                   "speed-up | target |", "|---|---|---|---|---|---|---|---|"]
-        what = {"sft": f"the same {res['steps'].get('sft', '')} steps: forward with labels, backward, clip, step",
+        what = {"sft": f"the same {res['steps'].get('sft', '')} steps: forward, cross-entropy with the LM head at the answer positions only, backward, clip, step",
                 "rm": "ours: each prompt read once (`util.shared_prompt_scores`), pairwise loss at the EOS",
                 "ppo": "bare `generate` + 3 no-grad passes (TRL's count) + 4 epochs × 4 minibatches of actor and "
                        "critic forward/backward/step"}

@@ -141,6 +141,20 @@ def test_tokenizer_round_trip_and_special_tokens(tok, rows):
         assert tok.pad_token_id not in ids
 
 
+def test_encode_batch_gives_the_tokenizers_own_ids(tok, rows):
+    texts = [r[k] for r in rows for k in ("prompt", "chosen")] + ["", "  two  spaces", "é ü 中文 \t\n", "a </s> b <pad>"]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    assert util.encode_batch(tok, texts) == want
+    assert util.encode_batch(tok, texts, bos=True, eos=True) == [[tok.bos_token_id] + w + [tok.eos_token_id] for w in want]
+
+    class Slow:                                 # a tokenizer without a Rust backend takes the plain call
+        bos_token_id, eos_token_id = tok.bos_token_id, tok.eos_token_id
+
+        def __call__(self, texts, add_special_tokens):
+            return tok(texts, add_special_tokens=add_special_tokens)
+    assert util.encode_batch(Slow(), texts, eos=True) == [w + [tok.eos_token_id] for w in want]
+
+
 def test_shipped_tokenizer_is_reproducible(rows, tmp_path):
     full = util.load_rows(ROOT / "dataset" / "train.json")
     util.train_tokenizer(full, tmp_path)

@@ -52,6 +52,23 @@ def test_sft_loss_counts_only_response_tokens(tok, micro_dirs, rows):
     assert util.sft_loss(model, (ids, mask, labels), "cpu").item() == pytest.approx(ref / n, rel=1e-4)
 
 
+def test_label_logits_give_the_full_heads_loss_and_gradients(tok, micro_dirs, rows):
+    model = util.load_causal_lm(micro_dirs.path("actor"))
+    ids, mask, labels = util.right_pad_batch([util.sft_example(tok, r["prompt"], r["response"], 112, 40)
+                                              for r in rows[:4]], tok.pad_token_id)
+    full = model(input_ids=ids, attention_mask=mask, labels=labels).loss      # transformers: every position
+    full.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ours = util.sft_loss(model, (ids, mask, labels), "cpu")
+    ours.backward()
+    assert ours.item() == pytest.approx(full.item(), rel=1e-5)
+    assert len(util.label_logits(model, ids, mask, labels)) == int((labels != -100).sum()) < ids.numel() / 2
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[n], atol=1e-6), n
+    assert model(input_ids=ids, attention_mask=mask).logits.shape[:2] == ids.shape     # the hook is gone
+
+
 # ---------------------------------------------------------------- reward model
 
 def test_last_token_index_left_and_right_padding():
