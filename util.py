@@ -1089,7 +1089,6 @@ def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) ->
 def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 25) -> list[dict]:
     """Supervised fine-tuning on prompt -> response demos; returns the loss history (held-out loss on up to
     200 eval rows, n_logs times)."""
-    import torch
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
     train_rows = fit_rows(tok, train_rows, cfg, ("response",), "SFT training rows")
@@ -1670,7 +1669,6 @@ def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int =
 def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 20) -> list[dict]:
     """Direct preference optimisation on (prompt, chosen, rejected) against a frozen reference (ref=None: the
     model's own weights with LoRA adapters off); returns the history (held-out stats on up to 200 pairs)."""
-    import torch
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
     train_rows = fit_rows(tok, train_rows, cfg, ("chosen", "rejected"), "DPO training pairs")
