@@ -6,14 +6,18 @@ patching util's functions in this process only; util.py itself is not changed).
 Writes bench/profile.md and bench/profile.json:
   1. phase split of our PPO iteration (generate / score / train) and per-op CPU time (torch.profiler), grouped:
      matrix multiplies, attention, softmax family, optimizer, the rest; the same for TRL's PPOTrainer.train();
-  2. candidate fix A, util.encode_prompts tokenising the batch in one call: util.generate vs bare generate;
-  3. candidate fix B, util.response_logprobs asking the model for the response positions' logits only
-     (transformers' logits_to_keep): PPO seconds per rollout batch, and the largest log-prob difference;
-  4. candidate fix C, util.sft_loss applying the LM head and the cross-entropy at the response positions only.
+  2. fix B, adopted in util: util.response_logprobs asks the model for the response positions' logits only
+     (transformers' logits_to_keep); measured against the full head it replaced (patched back in this process):
+     PPO seconds per rollout batch, and the largest log-prob difference;
+  3. fix C, adopted in util: util.sft_loss applies the LM head at the response positions only (util.label_logits);
+     measured against transformers' full-head loss it replaced.
+(Fix A, util.encode_prompts tokenising the batch in one call, was adopted in 42cf003; results.md's rollout table
+measures util.generate against bare generate.)
 `profile_ppo.py fix_c` (or any of the part names) runs one part and prints it.
 """
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -55,7 +59,6 @@ def group_ops(prof) -> dict:
 
 
 def profile_ours(n_iters: int = 2) -> dict:
-    import torch
     import util
     from torch.profiler import ProfilerActivity, profile
     cfg = bench.make_cfg(SPEC, 0, START)
@@ -120,77 +123,14 @@ def profile_trl(n_batches: int = 2) -> dict:
             "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)}
 
 
-# ---------------------------------------------------------------------------- candidate fixes (patched here only)
+# ---------------------------------------------------------------------------- adopted fixes against what they replaced
 
 
-def encode_prompts_batched(tok, prompts, max_tokens):
-    """Fix A: one batched tokenizer call instead of one call per prompt (same ids)."""
+def response_logprobs_full(model, query_responses, attention_mask, context_length, temperature=1.0):
+    """Before fix B: the LM head at every position, then the response positions sliced out."""
     import util
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    seqs = [(bos + ids)[-max_tokens:] for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
-    return util.left_pad(seqs, tok.pad_token_id)
-
-
-def response_logprobs_keep(model, query_responses, attention_mask, context_length, temperature=1.0):
-    """Fix B: the LM head only at the positions that predict the response (logits_to_keep)."""
-    import util
-    keep = query_responses.shape[1] - context_length + 1
-    logits = model(input_ids=query_responses, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]
+    logits = model(input_ids=query_responses, attention_mask=attention_mask).logits[:, context_length - 1:-1]
     return util.logprobs_from_logits(logits, query_responses[:, context_length:], temperature), logits
-
-
-def fix_a(repeats: int = 7) -> dict:
-    import torch
-    import util
-    cfg = bench.make_cfg(SPEC, 0, START)
-    train, _ = bench.load_data(cfg)
-    rows = bench.ppo_prompt_rows(train, cfg, 1)
-    prompts = [r["prompt"] for r in rows]
-    tok = util.load_tokenizer(START / "actor")
-    actor = util.load_causal_lm(START / "actor")
-    ids, mask = util.encode_prompts(tok, prompts, cfg.max_prompt_tokens)
-    ids2, mask2 = encode_prompts_batched(tok, prompts, cfg.max_prompt_tokens)
-    same_ids = torch.equal(ids, ids2) and torch.equal(mask, mask2)
-    original = util.encode_prompts
-
-    def bare():
-        with torch.no_grad():
-            actor.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_response_tokens,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
-                           do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
-
-    def ours():
-        util.encode_prompts = original
-        util.generate(actor, tok, prompts, cfg)
-
-    def ours_fixed():
-        util.encode_prompts = encode_prompts_batched
-        try:
-            util.generate(actor, tok, prompts, cfg)
-        finally:
-            util.encode_prompts = original
-
-    fns = {"bare_generate": bare, "util.generate (as is)": ours, "util.generate + fix A": ours_fixed}
-    times = {k: [] for k in fns}
-    enc = {"per prompt (as is)": [], "batched (fix A)": []}
-    for rep in range(repeats + 1):
-        for k, f in fns.items():
-            torch.manual_seed(rep)
-            t0 = time.perf_counter()
-            f()
-            if rep:
-                times[k].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        original(tok, prompts, cfg.max_prompt_tokens)
-        t1 = time.perf_counter()
-        encode_prompts_batched(tok, prompts, cfg.max_prompt_tokens)
-        if rep:
-            enc["per prompt (as is)"].append(t1 - t0)
-            enc["batched (fix A)"].append(time.perf_counter() - t1)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"same_ids": same_ids, "seconds_median": med,
-            "encode_prompts_ms_median": {k: 1000 * statistics.median(v) for k, v in enc.items()},
-            "overhead_vs_bare": {k: v / med["bare_generate"] - 1 for k, v in med.items()}}
 
 
 def fix_b(n_batches: int = 6, repeats: int = 2) -> dict:
@@ -206,19 +146,21 @@ def fix_b(n_batches: int = 6, repeats: int = 2) -> dict:
     attn = torch.cat([pmask, util.response_mask(qr[:, lq:], tok.eos_token_id)], 1)
     with torch.no_grad():
         a, _ = util.response_logprobs(actor, qr, attn, lq, cfg.temperature)
-        b, _ = response_logprobs_keep(actor, qr, attn, lq, cfg.temperature)
+        b, _ = response_logprobs_full(actor, qr, attn, lq, cfg.temperature)
     diff = float((a - b).abs().max())
     original = util.response_logprobs
-    times = {"as is": [], "fix B": []}
-    gold = {"as is": [], "fix B": []}
+    times = {"full head (before)": [], "fix B (util now)": []}
+    gold = {k: [] for k in times}
     for rep in range(repeats):
-        for k in (("as is", "fix B") if rep % 2 == 0 else ("fix B", "as is")):
-            util.response_logprobs = response_logprobs_keep if k == "fix B" else original
+        for k in (list(times) if rep % 2 == 0 else list(times)[::-1]):
+            util.response_logprobs = response_logprobs_full if k.startswith("full") else original
             with tempfile.TemporaryDirectory() as tmp:
                 c = bench.make_cfg(SPEC, 0, tmp)
                 c.ppo_iterations, c.save_every = n_batches, 10**9
                 for d in ("actor", "critic"):
                     Path(tmp, d).symlink_to(START / d, target_is_directory=True)
+                gc.collect()
+                gc.freeze()         # earlier parts' leftovers are not rescanned by this run's garbage collections
                 t0 = time.perf_counter()
                 hist = util.train_ppo(c, "cpu", rows=train)
                 times[k].append((time.perf_counter() - t0) / n_batches)
@@ -229,16 +171,10 @@ def fix_b(n_batches: int = 6, repeats: int = 2) -> dict:
             "rollout_gold_acc_per_iteration": gold}
 
 
-def sft_loss_response_only(model, batch, device):
-    """Fix C: the LM head and the cross-entropy at the response positions only (labels != -100), not at every
-    prompt and pad position; the same mean over response tokens as transformers' loss."""
-    import torch.nn.functional as F
+def sft_loss_full(model, batch, device):
+    """Before fix C: transformers' own loss, the LM head and the cross-entropy at every position."""
     ids, mask, labels = (t.to(device) for t in batch)
-    hidden = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), target[keep])
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
 def fix_c(epochs: float = 0.25, repeats: int = 2) -> dict:
@@ -252,13 +188,16 @@ def fix_c(epochs: float = 0.25, repeats: int = 2) -> dict:
     b = util.right_pad_batch([util.sft_example(tok, r["prompt"], r["response"], cfg.max_prompt_tokens,
                                                cfg.max_response_tokens) for r in train[:32]], tok.pad_token_id)
     with torch.no_grad():
-        diff = abs(float(util.sft_loss(m, b, "cpu")) - float(sft_loss_response_only(m, b, "cpu")))
+        diff = abs(float(util.sft_loss(m, b, "cpu")) - float(sft_loss_full(m, b, "cpu")))
     original = util.sft_loss
-    times, loss = {"as is": [], "fix C": []}, {"as is": [], "fix C": []}
+    times = {"full head (before)": [], "fix C (util now)": []}
+    loss = {k: [] for k in times}
     for rep in range(repeats):
-        for k in (("as is", "fix C") if rep % 2 == 0 else ("fix C", "as is")):
-            util.sft_loss = sft_loss_response_only if k == "fix C" else original
+        for k in (list(times) if rep % 2 == 0 else list(times)[::-1]):
+            util.sft_loss = sft_loss_full if k.startswith("full") else original
             model = util.load_causal_lm(START / "base_actor")
+            gc.collect()
+            gc.freeze()             # earlier parts' leftovers are not rescanned by this run's garbage collections
             t0 = time.perf_counter()
             util.train_sft(model, tok, train, ev, cfg, "cpu", n_logs=1)
             times[k].append((time.perf_counter() - t0) / epochs)
@@ -278,7 +217,7 @@ def main() -> int:
     if only:                                # e.g. `profile_ppo.py fix_c`: one part, printed
         print(json.dumps({k: globals()[k]() for k in only}, indent=1, default=str))
         return 0
-    res = {"ours": profile_ours(), "trl": profile_trl(), "fix_a": fix_a(), "fix_b": fix_b(), "fix_c": fix_c()}
+    res = {"ours": profile_ours(), "trl": profile_trl(), "fix_b": fix_b(), "fix_c": fix_c()}
     Path(BENCH / "profile.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "top_ops"}
                                                         for k, v in res.items()}, indent=1))
     o, t = res["ours"], res["trl"]
@@ -289,19 +228,13 @@ def main() -> int:
              "Self CPU time by op group (torch.profiler):", "", "| op group | ours | TRL |", "|---|---|---|"]
     for g in o["op_groups"]:
         lines.append(f"| {g} | {o['op_groups'][g]['share'] * 100:.0f} % | {t['op_groups'][g]['share'] * 100:.0f} % |")
-    a, b = res["fix_a"], res["fix_b"]
-    lines += ["", "## Candidate fix A: `util.encode_prompts` tokenises the batch in one call", "",
-              f"Same ids: {a['same_ids']}. encode_prompts for 64 prompts: " + ", ".join(
-                  f"{k} {v:.1f} ms" for k, v in a["encode_prompts_ms_median"].items()) + ".", "",
-              "| path | s / batch (median) | overhead vs bare generate |", "|---|---|---|"]
-    for k, v in a["seconds_median"].items():
-        lines.append(f"| {k} | {v:.3f} | {a['overhead_vs_bare'][k] * 100:+.1f} % |")
-    lines += ["", "## Candidate fix B: `util.response_logprobs` computes logits at the response positions only", "",
-              f"Largest log-prob difference against the full logits: {b['max_abs_logprob_diff']:.2e}. "
+    b = res["fix_b"]
+    lines += ["", "## Fix B (adopted): `util.response_logprobs` computes logits at the response positions only", "",
+              f"Largest log-prob difference against the full head: {b['max_abs_logprob_diff']:.2e}. "
               f"util.train_ppo, {b['batches']} rollout batches, {b['repeats']} runs each, interleaved: " + ", ".join(
                   f"{k} {v:.2f} s/batch" for k, v in b["s_per_batch_median"].items()) + ".", "",
-              "## Candidate fix C (SFT): `util.sft_loss` applies the LM head at the response positions only", "",
-              f"Loss difference on one batch: {res['fix_c']['loss_abs_diff_one_batch']:.2e}. util.train_sft, "
+              "## Fix C (adopted, SFT): `util.sft_loss` applies the LM head at the response positions only", "",
+              f"Loss difference against the full head on one batch: {res['fix_c']['loss_abs_diff_one_batch']:.2e}. util.train_sft, "
               f"{res['fix_c']['epochs']} epoch, {res['fix_c']['repeats']} runs each, interleaved: " + ", ".join(
                   f"{k} {v:.1f} s/epoch" for k, v in res["fix_c"]["s_per_epoch_median"].items())
               + "; held-out loss " + ", ".join(f"{k} {v}" for k, v in res["fix_c"]["heldout_loss"].items()) + ".", "",
