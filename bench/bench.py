@@ -1062,8 +1062,9 @@ def write_markdown(res: dict, path: Path) -> str:
         lines += ["", "Floors: the same arithmetic as a bare PyTorch loop, measured in the same rounds (batches "
                   "tokenised and padded before the clock starts; then forward, loss, backward, clip, AdamW step and "
                   "nothing else: no checks, logging, held-out curve or data preparation; `w_*_floor` in "
-                  "bench/bench.py). No implementation of that arithmetic can beat its floor on this machine, so "
-                  "TRL's time / floor is the highest speed-up over TRL possible without changing the work.", "",
+                  "bench/bench.py). No eager PyTorch implementation of that arithmetic can beat its floor on this "
+                  "machine (and torch.compile did not make the SFT steps faster here: see the README), so TRL's time "
+                  "/ floor is the highest speed-up over TRL possible without changing the work.", "",
                   "| stage | floor (arithmetic) | floor | ours | TRL | ours / floor | TRL / floor = highest possible "
                   "speed-up | target |", "|---|---|---|---|---|---|---|---|"]
         what = {"sft": f"the same {res['steps'].get('sft', '')} steps: forward, cross-entropy with the LM head at the answer positions only, backward, clip, step",
