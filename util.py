@@ -1053,15 +1053,16 @@ def make_optimizer(model, lr: float, steps: int, warmup: float = 0.05, weight_de
 
 
 def label_logits(model, ids, mask, labels):
-    """Logits at the positions that predict a labelled token only, as one (tokens, vocab) tensor: the LM head
-    (vocab-wide: the costliest layer per token here) skips the prompt and the pads, most of each row."""
+    """(logits, predicts): logits at the positions that predict a labelled token only, as one (tokens, vocab)
+    tensor, and the (rows, length - 1) mask of those positions. The LM head (vocab-wide: the costliest layer per
+    token here) skips the prompt and the pads, most of each row."""
     predicts = labels[:, 1:] != -100            # position t predicts token t+1
     # cut the head's input inside an ordinary forward: through an accelerate (DDP) wrapper, which syncs gradients
     # only that way
     head = unwrap(model).get_output_embeddings()
     hook = head.register_forward_pre_hook(lambda module, args: (args[0][:, :-1][predicts],))
     try:
-        return model(input_ids=ids, attention_mask=mask).logits
+        return model(input_ids=ids, attention_mask=mask).logits, predicts
     finally:
         hook.remove()
 
@@ -1070,7 +1071,8 @@ def sft_loss(model, batch, device):
     """Mean cross-entropy over response tokens, the label of each position being the next token."""
     import torch.nn.functional as F
     ids, mask, labels = (t.to(device) for t in batch)
-    return F.cross_entropy(label_logits(model, ids, mask, labels).float(), labels[:, 1:][labels[:, 1:] != -100])
+    logits, predicts = label_logits(model, ids, mask, labels)
+    return F.cross_entropy(logits.float(), labels[:, 1:][predicts])
 
 
 def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) -> float:
@@ -1628,10 +1630,9 @@ def pair_batch(tok, rows, cfg: Config):
 def answer_logprobs(model, ids, mask, labels):
     """log pi(answer | prompt) of each row: the sum of the log-probs of its labelled (answer) tokens."""
     import torch
-    target = labels[:, 1:]
-    keep = target != -100
-    logp = logprobs_from_logits(label_logits(model, ids, mask, labels), target[keep])
-    row = keep.nonzero()[:, 0]                  # the row each labelled token belongs to
+    logits, predicts = label_logits(model, ids, mask, labels)
+    logp = logprobs_from_logits(logits, labels[:, 1:][predicts])
+    row = predicts.nonzero()[:, 0]              # the row each labelled token belongs to
     return torch.zeros(len(ids), dtype=logp.dtype, device=logp.device).index_add(0, row, logp)
 
 

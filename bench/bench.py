@@ -398,8 +398,9 @@ def w_ppo_trl(spec, seed, work, start: Path) -> dict:
 # ---------------------------------------------------------------------------- floors: the arithmetic alone
 # What the same arithmetic costs as a bare PyTorch loop: batches tokenised and padded before the clock starts, then
 # forward, loss, backward, clip, AdamW step, and nothing else (no checks, no logging, no held-out curve, no data
-# preparation). No implementation of the same arithmetic on this machine can be faster than its floor, so
-# TRL's time / floor is the highest speed-up over TRL that is possible without changing the work.
+# preparation). No eager PyTorch implementation of the same arithmetic on this machine can be faster than its floor
+# (torch.compile did not help here: README), so TRL's time / floor is the highest speed-up over TRL that is possible
+# without changing the work.
 
 
 def floor_result(dt: float, units: float, steps: int, rss0: float, **extra) -> dict:
@@ -919,8 +920,9 @@ def evaluate_targets(res: dict) -> dict:
                     "(0.02 ~ one standard error of a difference of two accuracies on 600 prompts)"}
     for key, name in (("sft_1.5x_at_equal_quality", "sft"), ("rm_1.5x_at_equal_quality", "rm"),
                       ("ppo_2x_with_equal_or_better_gold_gain", "ppo")):
-        if key in t and ceiling(p, name) is not None:
-            t[key]["ceiling_trl_over_floor"] = ceiling(p, name)
+        c = ceiling(p, name)
+        if key in t and c is not None:
+            t[key]["ceiling_trl_over_floor"] = c
     if "gen" in res:
         v = res["gen"]["variants"]
         ov = v["bare_generate"]["tokens_per_s"] / v["ours_generate"]["tokens_per_s"] - 1

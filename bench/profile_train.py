@@ -13,7 +13,6 @@ the rates from bench/results.md, measured without it.
 """
 from __future__ import annotations
 
-import gc
 import json
 import sys
 import tempfile
@@ -25,7 +24,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 import bench  # noqa: E402
-from profile_ppo import group_ops  # noqa: E402
+from profile_ppo import forget_earlier_garbage, group_ops  # noqa: E402
 
 START = BENCH / "out" / "start"
 SPEC = bench.SPECS["full"]
@@ -67,10 +66,7 @@ def run(task: str, side: str) -> dict:
         setattr(util, n, timed(phases, state, n, patched[(util, n)]))
     for n in ("sft_quality", "rm_quality"):       # the worker's quality check, after its timed part: not counted
         setattr(bench, n, after_training(state, patched[(bench, n)]))
-    # what earlier workers left in this process is not scanned again by this worker's garbage collections (without
-    # this, the RM's data preparation, the third worker, took 6.5 s here against 1.0 s with it)
-    gc.collect()
-    gc.freeze()
+    forget_earlier_garbage()
     try:
         with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CPU]) as prof:
             res = bench.WORKERS[(task, side)](SPEC, 0, Path(tmp), START)

@@ -63,7 +63,7 @@ def test_label_logits_give_the_full_heads_loss_and_gradients(tok, micro_dirs, ro
     ours = util.sft_loss(model, (ids, mask, labels), "cpu")
     ours.backward()
     assert ours.item() == pytest.approx(full.item(), rel=1e-5)
-    assert len(util.label_logits(model, ids, mask, labels)) == int((labels != -100).sum()) < ids.numel() / 2
+    assert len(util.label_logits(model, ids, mask, labels)[0]) == int((labels != -100).sum()) < ids.numel() / 2
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, want[n], atol=1e-6), n
     assert model(input_ids=ids, attention_mask=mask).logits.shape[:2] == ids.shape     # the hook is gone
