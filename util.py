@@ -28,6 +28,10 @@ class Config:
     """Every knob of the pipeline; a preset fills it, a notebook or env var may override fields."""
     preset: str = "tiny"
     seed: int = 0
+    # precision and memory: the weights and optimizer states stay fp32 whatever dtype a checkpoint is stored in
+    precision: str = "auto"                     # auto = bf16 on a GPU that has it, fp16 on older CUDA, else fp32
+    micro_batch_size: int = 0                   # > 0: each optimizer batch runs in micro-batches of this size
+    gradient_checkpointing: bool = False        # recompute activations in the backward pass: less memory, slower
     data_dir: str = str(ROOT / "dataset")
     out_dir: str = str(ROOT / "model")          # RLHF_OUT moves it (tests use a temp dir)
     tokenizer_dir: str = str(ROOT / "tokenizer")
@@ -114,10 +118,21 @@ PRESETS = {
                   dpo_batch_size=16, grpo_iterations=2, grpo_prompts=4, grpo_group_size=4, grpo_minibatch_size=8),
     # minutes on a laptop CPU: a small OPT trained from scratch on the shipped data
     "tiny": dict(),
-    # a GPU and a reachable hub: real OPT checkpoints, fine-tuned
+    # a GPU and a reachable hub: real OPT checkpoints, fine-tuned. Micro-batches of 8 keep every stage inside a
+    # 16 GB T4 (opt-350m actor + opt-125m critic, fp32 weights and AdamW states) while the global batches stay
     "opt": dict(actor_hub="facebook/opt-350m", critic_hub="facebook/opt-125m", n_layers=0, d_model=0,
-                sft_epochs=2, sft_batch_size=16, sft_lr=2e-5, rm_epochs=1, rm_batch_size=16, rm_lr=1e-5,
-                ppo_lr=1e-6, ppo_vf_lr=1e-5, max_positions=2048),
+                max_positions=2048, micro_batch_size=8, eval_batch_size=64,
+                # SFT and RM: Simple_RLHF's OPT recipe (actor lr 2e-5, critic lr 1e-5, 1 RM epoch); DeepSpeed-Chat
+                # trains OPT SFT at 9.65e-6 and its RMs at 5e-5, so these sit inside the published range
+                sft_epochs=2, sft_batch_size=32, sft_lr=2e-5, rm_epochs=1, rm_batch_size=32, rm_lr=1e-5,
+                # PPO: DeepSpeed-Chat's step 3 uses actor 9.65e-6 / critic 5e-6 for OPT-1.3b / 350m; a 350 M actor
+                # with full fine-tuning and 4 PPO epochs per rollout drifts fast, so the actor gets 1e-6 (as
+                # summarize_from_feedback_details' 1 B runs use 3e-6) and the critic, a fresh head, 1e-5
+                ppo_lr=1e-6, ppo_vf_lr=1e-5,
+                # DPO: Rafailov et al. 2023 (lr 1e-6, batch 64, beta 0.1), also TRL's DPOConfig default lr
+                dpo_lr=1e-6, dpo_batch_size=64,
+                # GRPO: Shao et al. 2024 (DeepSeekMath) lr 1e-6 and KL coefficient 0.04, as TRL's GRPOConfig
+                grpo_lr=1e-6, grpo_kl_coef=0.04),
 }
 
 
@@ -183,6 +198,23 @@ def get_device():
     return device
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(cfg: Config, device) -> str:
+    """Config.precision made concrete for a device: auto = bf16 on a GPU that has it (Ampere and later), fp16
+    with loss scaling on an older CUDA GPU (a T4 has no bf16), fp32 on a CPU (autocast would only slow it)."""
+    import torch
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"Config.precision={cfg.precision!r}: choose one of {PRECISIONS}")
+    if cfg.precision != "auto":
+        return cfg.precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return "fp32"
+
+
 _ACCELERATOR = []
 
 
@@ -191,7 +223,8 @@ def accelerator():
     `accelerate launch` it wraps the model for data parallelism over processes (DDP, or DeepSpeed ZeRO)."""
     if not _ACCELERATOR:
         from accelerate import Accelerator
-        _ACCELERATOR.append(Accelerator())
+        # precision is ours (Config.precision, see run_in_precision), not a launcher's: one autocast, one scaler
+        _ACCELERATOR.append(Accelerator(mixed_precision="no"))
     return _ACCELERATOR[0]
 
 
@@ -718,13 +751,53 @@ def tiny_opt_config(cfg: Config, tok):
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
+DROPOUT_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "layerdrop")
+
+
 def disable_dropout(model):
-    """Set every dropout probability to 0 (PPO's ratio must be exactly 1 before the first update)."""
+    """Dropout off for real, so train-mode and eval-mode forwards agree (PPO's first ratio is exactly 1)."""
     import torch
+    # hub OPT checkpoints ship dropout 0.1: OPT layers call F.dropout(p=self.dropout) with rates copied from the
+    # config into plain float attributes, which no nn.Dropout module holds; so zero the config, the attributes
+    # and the modules (the saved config then says 0 too, for whoever loads it next)
+    for key, value in model.config.to_dict().items():
+        if ("dropout" in key or key == "layerdrop") and isinstance(value, float):
+            setattr(model.config, key, 0.0)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        for name in DROPOUT_ATTRS:
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
     return model
+
+
+def run_in_precision(model, precision: str):
+    """Every forward of `model` (training, generation, scoring) runs under autocast in `precision`, while its
+    weights stay fp32: the master copy the optimizer updates (fp16 weights would lose small updates)."""
+    import types
+    import torch
+    if precision == "fp32":
+        return model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    device_type = next(model.parameters()).device.type
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return type(self).forward(self, *args, **kwargs)
+    model.forward = types.MethodType(forward, model)    # a bound method: deepcopy rebinds it to the copy
+    return model
+
+
+def ready_model(model, cfg: Config | None, device):
+    """A loaded model made ready to train or score: dropout off, on the device, gradient checkpointing if the
+    config asks, forwards in the config's precision (fp32 without a config)."""
+    model = disable_dropout(model).to(device or "cpu")
+    if cfg is None:
+        return model
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    return run_in_precision(model, resolve_precision(cfg, next(model.parameters()).device))
 
 
 def add_lora(model, cfg: Config):
@@ -765,16 +838,20 @@ def _require(path, stage: str | None = None) -> Path:
     return path
 
 
-def load_causal_lm(path, stage: str | None = None, device=None):
-    """A causal LM from a save_pretrained directory (safetensors only), dropout off."""
+def load_causal_lm(path, stage: str | None = None, device=None, cfg: Config | None = None):
+    """A causal LM from a save_pretrained directory (safetensors only) in fp32, made ready by ready_model."""
+    import torch
     from transformers import AutoModelForCausalLM
     quiet_hf()
-    model = AutoModelForCausalLM.from_pretrained(_require(path, stage), use_safetensors=True)
-    return disable_dropout(model).to(device or "cpu")
+    # fp32 whatever the checkpoint holds: transformers 5 keeps a hub checkpoint's float16, and AdamW on fp16
+    # weights turns them into NaN within a step
+    model = AutoModelForCausalLM.from_pretrained(_require(path, stage), use_safetensors=True, dtype=torch.float32)
+    return ready_model(model, cfg, device)
 
 
-def load_score_model(path, stage: str | None = None, device=None):
-    """A backbone + scalar head (AutoModelForSequenceClassification, num_labels=1), dropout off."""
+def load_score_model(path, stage: str | None = None, device=None, cfg: Config | None = None):
+    """A backbone + scalar head (AutoModelForSequenceClassification, num_labels=1) in fp32, made ready."""
+    import torch
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
     quiet_hf()
@@ -782,15 +859,16 @@ def load_score_model(path, stage: str | None = None, device=None):
     hf_logging.set_verbosity_error()          # a fresh head on a causal-LM checkpoint is expected, not a warning
     try:
         model = AutoModelForSequenceClassification.from_pretrained(_require(path, stage), num_labels=1,
-                                                                   use_safetensors=True)
+                                                                   use_safetensors=True, dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(level)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 1
-    return disable_dropout(model).to(device or "cpu")
+    return ready_model(model, cfg, device)
 
 
 def prepare_base_models(cfg: Config) -> dict:
-    """model/base_actor (and base_critic for opt): a fresh tiny OPT, or hub checkpoints saved locally."""
+    """model/base_actor (and base_critic for opt): a fresh tiny OPT, or hub checkpoints saved locally (fp32)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, OPTForCausalLM
     out = {}
     if not cfg.actor_hub:                                   # tiny / smoke: built here, trained from scratch
@@ -806,12 +884,12 @@ def prepare_base_models(cfg: Config) -> dict:
     for key, name in (("base_actor", cfg.actor_hub), ("base_critic", cfg.critic_hub)):
         try:
             tok = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise OSError(f"could not load model {name!r}: check the name (e.g. facebook/opt-350m) or the path") from e
         if key == "base_actor":
             tok.save_pretrained(cfg.tokenizer_dir)
-        out[key] = save_model(model, tok, cfg.path(key))
+        out[key] = save_model(disable_dropout(model), tok, cfg.path(key))
     return out
 
 
@@ -1052,6 +1130,44 @@ def make_optimizer(model, lr: float, steps: int, warmup: float = 0.05, weight_de
     return opt, get_cosine_schedule_with_warmup(opt, int(warmup * steps), steps)
 
 
+def micro_batches(idx: list, cfg: Config) -> list[list]:
+    """A batch's indices cut into micro-batches of cfg.micro_batch_size (one piece when it is 0): gradients add
+    up over them, so the optimizer sees the whole batch while memory holds one micro-batch."""
+    n = cfg.micro_batch_size or max(len(idx), 1)
+    return [idx[i:i + n] for i in range(0, len(idx), n)]
+
+
+def grad_scaler(cfg: Config, device):
+    """fp16's loss scaler (small fp16 gradients underflow to 0 without it); None in bf16 and fp32."""
+    import torch
+    fp16 = resolve_precision(cfg, device) == "fp16"
+    return torch.amp.GradScaler(torch.device(device).type) if fp16 else None
+
+
+def backward(loss, scaler) -> None:
+    """loss.backward(), through accelerate (DDP averages gradients over processes), scaled under fp16."""
+    accelerator().backward(scaler.scale(loss) if scaler is not None else loss)
+
+
+def optimizer_step(pairs, cfg: Config, scaler, what: str, step) -> float:
+    """Clip each model's gradient norm to max_grad_norm, then step each (optimizer, model) pair; returns the
+    summed norm. A NaN/inf gradient stops the run, except under fp16 loss scaling where it is expected now and
+    then: the scaler skips that step and lowers its scale."""
+    import torch
+    if scaler is not None:
+        for opt, _ in pairs:
+            scaler.unscale_(opt)                # clip the true gradients, not the scaled ones
+    norm = sum(float(torch.nn.utils.clip_grad_norm_(unwrap(m).parameters(), cfg.max_grad_norm))
+               for _, m in pairs)
+    if scaler is None:
+        check_finite(norm, f"{what} gradient norm", step)   # a finite loss can still give inf gradients
+    for opt, _ in pairs:
+        scaler.step(opt) if scaler is not None else opt.step()
+    if scaler is not None:
+        scaler.update()
+    return norm
+
+
 def label_logits(model, ids, mask, labels):
     """(logits, predicts): logits at the positions that predict a labelled token only, as one (tokens, vocab)
     tensor, and the (rows, length - 1) mask of those positions. The LM head (vocab-wide: the costliest layer per
@@ -1099,22 +1215,26 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
     plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
-    acc = accelerator()
-    wrapped, opt = acc.prepare(model, opt)      # same weights; a DDP wrapper only under `accelerate launch`
+    wrapped, scaler = accelerator().prepare(model), grad_scaler(cfg, device)   # DDP only with N processes
     history, run = [], []
     bar = progress(plan, desc="SFT")
     with stop_cleanly("SFT", cfg, ("sft_batch_size",), lambda: kept_model(cfg.path("actor")), model):
         for step, idx in enumerate(bar, 1):
             model.train()
-            loss = sft_loss(wrapped, right_pad_batch([ex[i] for i in my_share(idx)], tok.pad_token_id), device)
-            check_finite(loss, "SFT loss", step)
+            parts = [right_pad_batch([ex[i] for i in p], tok.pad_token_id) for p in micro_batches(my_share(idx), cfg)]
+            n_answer = [int((labels[:, 1:] != -100).sum()) for _, _, labels in parts]
             opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            check_finite(grad_norm, "SFT gradient norm", step)      # a finite loss can still give inf gradients
-            opt.step()
+            loss = 0.0
+            for b, n in zip(parts, n_answer):
+                # each micro-batch's token-mean weighted by its share of the answer tokens: the parts add up
+                # to the whole batch's token-mean, and so do their gradients
+                part = sft_loss(wrapped, b, device) * (n / max(sum(n_answer), 1))
+                check_finite(part, "SFT loss", step)
+                backward(part, scaler)
+                loss += float(part.detach())
+            optimizer_step([(opt, model)], cfg, scaler, "SFT", step)
             sched.step()
-            run.append(float(loss.detach()))
+            run.append(loss)
             if step % log_every == 0 or step == len(plan):
                 rec = {"step": step, "epoch": step * cfg.sft_batch_size / len(ex), "train_loss": sum(run) / len(run),
                        "eval_loss": eval_sft_loss(model, ev, tok.pad_token_id, device)}
@@ -1146,17 +1266,17 @@ def last_token_index(attention_mask):
     return (pos[None] * attention_mask).argmax(1)
 
 
-def token_scores(model, input_ids, attention_mask, past_key_values=None):
-    """The scalar head applied at every position: per-token values for the PPO critic."""
+def token_scores(model, input_ids, attention_mask, cache=None):
+    """The scalar head applied at every position: per-token values for the PPO critic (fp32)."""
     # the model's own output keeps the last position only, so catch the head's full output during an ordinary
     # forward: the call still goes through an accelerate (DDP) wrapper, which syncs gradients only that way
     seen = []
     hook = unwrap(model).score.register_forward_hook(lambda module, inputs, output: seen.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values)
+        model(input_ids=input_ids, attention_mask=attention_mask, cache=cache)
     finally:
         hook.remove()
-    return seen[-1].squeeze(-1)
+    return seen[-1].squeeze(-1).float()
 
 
 def at_last_token(per_token, attention_mask):
@@ -1226,9 +1346,14 @@ def shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner):
     """Per-token scores of answers that share prompts: each prompt runs through the model once and its cached
     keys/values serve all its answers (InstructGPT's trick: K answers cost one prompt, not K)."""
     import torch
-    cache = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True).past_key_values
-    cache.batch_select_indices(owner)           # one copy of the prompt's keys/values per answer
-    return token_scores(model, ids, torch.cat([prompt_mask[owner], mask], 1), past_key_values=cache)
+    full_mask = torch.cat([prompt_mask[owner], mask], 1)
+    if unwrap(model).is_activation_checkpointing and unwrap(model).training:
+        # gradient checkpointing returns no cache in training: read each prompt again with each of its answers
+        ids = torch.cat([prompt_ids[owner], ids], 1)
+        return token_scores(model, ids, full_mask)[:, prompt_ids.shape[1]:]
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    out.cache.batch_select_indices(owner)       # one copy of the prompt's keys/values per answer
+    return token_scores(model, ids, full_mask, cache=out.cache)
 
 
 def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config, device, normalized=True, batch_size=128):
@@ -1260,9 +1385,26 @@ def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
     return chosen, rejected
 
 
+def reward_loss(model, prompt_ids, prompt_mask, ids, mask, owner, c, r, prefix_weight: float = 0.0):
+    """(loss, chosen scores, rejected scores) of one ranking_batch: the pairwise loss of every (chosen, rejected)
+    pair, plus prefix_weight times the same loss on each rejected prefix that already holds the mistake."""
+    import torch
+    # every answer of a prompt (chosen, its rejected ones) in one pass that reads the prompt once
+    per_token = shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner)
+    s = at_last_token(per_token, mask)
+    rc, rr = s[c], s[r]                         # one (chosen, rejected) pair per rejected answer
+    loss = pairwise_loss(rc, rr)
+    if prefix_weight > 0:
+        # rank every rejected prefix that already contains the mistake below the chosen answer too: the model
+        # is told *where* the error is, not only that the answer is worse overall
+        after = mistake_positions(ids[c], ids[r], mask[c], mask[r])
+        pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[r])
+        loss = loss + prefix_weight * masked_mean(pre, after)
+    return loss, rc.detach(), rr.detach()
+
+
 def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 10) -> list[dict]:
     """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up to 200 pairs)."""
-    import torch
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
     train_rows = fit_rows(tok, train_rows, cfg, ("chosen", "rejected"), "reward-model training pairs",
@@ -1275,34 +1417,28 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
     plan = batches(len(train_rows), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.rm_lr, len(plan))
-    acc = accelerator()
-    wrapped, opt = acc.prepare(model, opt)      # same weights; a DDP wrapper only under `accelerate launch`
+    wrapped, scaler = accelerator().prepare(model), grad_scaler(cfg, device)   # DDP only with N processes
     history, run = [], []
     bar = progress(plan, desc="reward model")
     with stop_cleanly("reward model", cfg, ("rm_batch_size",), lambda: kept_model(cfg.path("critic")), model):
         for step, idx in enumerate(bar, 1):
             model.train()
-            part = [examples[i] for i in my_share(idx)]
-            # every answer of a prompt (chosen, its rejected ones) in one pass that reads the prompt once
-            prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in ranking_batch(part, tok.pad_token_id))
-            per_token = shared_prompt_scores(wrapped, prompt_ids, prompt_mask, ids, mask, owner)
-            s = at_last_token(per_token, mask)
-            rc, rr = s[c], s[r]                 # one (chosen, rejected) pair per rejected answer
-            loss = pairwise_loss(rc, rr)
-            if cfg.rm_prefix_weight > 0:
-                # also rank every rejected prefix that already contains the mistake below the chosen answer:
-                # the model is told *where* the error is, not only that the answer is worse overall
-                after = mistake_positions(ids[c], ids[r], mask[c], mask[r])
-                pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[r])
-                loss = loss + cfg.rm_prefix_weight * masked_mean(pre, after)
-            check_finite(loss, "reward loss", step)
+            parts = micro_batches(my_share(idx), cfg)
+            n_pairs = [sum(len(examples[i][1]) - 1 for i in p) for p in parts]
             opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            check_finite(grad_norm, "reward gradient norm", step)   # a finite loss can still give inf gradients
-            opt.step()
+            loss, right = 0.0, 0.0
+            for p, n in zip(parts, n_pairs):
+                batch = (t.to(device) for t in ranking_batch([examples[i] for i in p], tok.pad_token_id))
+                part, rc, rr = reward_loss(wrapped, *batch, cfg.rm_prefix_weight)
+                # the micro-batch's share of the batch's pairs: exact for the pairwise loss; the prefix term
+                # (a mean over mistake positions) is weighted the same way, which is close but not exact
+                part = part * (n / sum(n_pairs))
+                check_finite(part, "reward loss", step)
+                backward(part, scaler)
+                loss, right = loss + float(part.detach()), right + float((rc > rr).sum())
+            optimizer_step([(opt, model)], cfg, scaler, "reward", step)
             sched.step()
-            run.append((float(loss.detach()), float((rc > rr).float().mean())))
+            run.append((loss, right / sum(n_pairs)))
             if step % log_every == 0 or step == len(plan):
                 c, r = score_pairs(model, tok, curve_rows, cfg, device)
                 rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),
@@ -1417,54 +1553,68 @@ def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None
                    scores, has_eos, texts, gold)
 
 
-def ppo_update(actor, critic, opt_actor, opt_critic, ro: Rollout, advantages, returns, cfg: Config) -> dict:
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
+    """PPO's clipped surrogate, token-mean: (loss, ratio). The ratio pi/pi_old may move at most 1 +- cliprange
+    in the direction the advantage rewards; past that the clipped term is the larger loss and its gradient is 0."""
+    import torch
+    ratio = torch.exp((logprobs - old_logprobs) * mask)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    return masked_mean(losses, mask), ratio
+
+
+def ppo_value_loss(values, old_values, returns, mask, cliprange_value: float):
+    """The critic's clipped squared error, token-mean, halved: a new value may move at most cliprange_value
+    from the rollout's value before its error stops counting for it (the larger of the two errors is kept)."""
+    import torch
+    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def ppo_update(actor, critic, opt_actor, opt_critic, ro: Rollout, advantages, returns, cfg: Config,
+               scaler=None) -> dict:
     """Several epochs of clipped PPO over minibatches of one rollout; returns averaged statistics."""
     import torch
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
-    first_ratio = None
+    names = ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")
+    stats = {k: [] for k in names}
+    first = None                                # the ratio on the first minibatch, before any update
     B = len(ro.scores)
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B)
         for start in range(0, B, cfg.ppo_minibatch_size):
             mb = perm[start:start + cfg.ppo_minibatch_size]
-            m = ro.mask[mb]
-            qr, attn = ro.query_responses[mb], ro.attention_mask[mb]
-            new_logprobs, logits = response_logprobs(actor, qr, attn, ro.context_length, cfg.temperature)
-            vpred = token_scores(critic, qr, attn)[:, ro.context_length - 1:-1]
-            # value clip: the new value may move at most cliprange_value away from the rollout's value
-            old_v = ro.values[mb]
-            vclipped = old_v + (vpred - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
-            vf_losses = torch.max((vpred - returns[mb]) ** 2, (vclipped - returns[mb]) ** 2)
-            vf_loss = 0.5 * masked_mean(vf_losses, m)
-            # ratio clip: no incentive to move the probability of a token beyond 1 +- cliprange
-            log_ratio = (new_logprobs - ro.logprobs[mb]) * m
-            ratio = torch.exp(log_ratio)
-            adv = advantages[mb]
-            pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
-            pg_loss = masked_mean(pg_losses, m)
-            loss = pg_loss + cfg.vf_coef * vf_loss
-            check_finite(loss, "PPO loss", f"epoch {epoch}")
+            n_tokens = ro.mask[mb].sum()
             opt_actor.zero_grad(set_to_none=True)
             opt_critic.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
-                         + torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm))
-            check_finite(grad_norm, "PPO gradient norm", f"epoch {epoch}")  # a finite loss can still give inf gradients
-            opt_actor.step()
-            opt_critic.step()
-            with torch.no_grad():
-                if first_ratio is None:          # before any update the ratio must be exactly 1
-                    first_ratio = float(masked_mean(ratio, m))
-                p = torch.softmax(logits.float() / cfg.temperature, -1)
-                entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
-                stats["pg_loss"].append(float(pg_loss))
-                stats["vf_loss"].append(float(vf_loss))
-                stats["clipfrac"].append(float(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), m)))
-                stats["vf_clipfrac"].append(float(masked_mean(((vpred - old_v).abs() > cfg.cliprange_value).float(), m)))
-                stats["approx_kl"].append(float(0.5 * masked_mean(log_ratio ** 2, m)))
-                stats["entropy"].append(float(masked_mean(entropy, m)))
+            sums = dict.fromkeys(names, 0.0)
+            for part in micro_batches(mb.tolist(), cfg):
+                part = torch.tensor(part)
+                m, qr, attn = ro.mask[part], ro.query_responses[part], ro.attention_mask[part]
+                new_logprobs, logits = response_logprobs(actor, qr, attn, ro.context_length, cfg.temperature)
+                vpred = token_scores(critic, qr, attn)[:, ro.context_length - 1:-1]
+                pg_loss, ratio = ppo_policy_loss(new_logprobs, ro.logprobs[part], advantages[part], m,
+                                                 cfg.cliprange)
+                vf_loss = ppo_value_loss(vpred, ro.values[part], returns[part], m, cfg.cliprange_value)
+                share = m.sum() / n_tokens          # token-means over micro-batches add up to the minibatch's
+                loss = (pg_loss + cfg.vf_coef * vf_loss) * share
+                check_finite(loss, "PPO loss", f"epoch {epoch}")
+                backward(loss, scaler)
+                with torch.no_grad():
+                    if epoch == 0 and start == 0:
+                        dev = float(((ratio - 1).abs() * m).max())
+                        first = max(first or 0.0, dev)
+                    p = torch.softmax(logits.float() / cfg.temperature, -1)
+                    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+                    log_ratio = (new_logprobs - ro.logprobs[part]) * m
+                    for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss),
+                                 ("clipfrac", ((ratio - 1).abs() > cfg.cliprange).float()),
+                                 ("vf_clipfrac", ((vpred - ro.values[part]).abs() > cfg.cliprange_value).float()),
+                                 ("approx_kl", 0.5 * log_ratio ** 2), ("entropy", entropy)):
+                        sums[k] += float((v if v.dim() == 0 else masked_mean(v, m)) * share)
+            optimizer_step([(opt_actor, actor), (opt_critic, critic)], cfg, scaler, "PPO", f"epoch {epoch}")
+            for k in names:
+                stats[k].append(sums[k])
     out = {k: sum(v) / len(v) for k, v in stats.items()}
-    out["ratio_first_minibatch"] = first_ratio
+    out["ratio_first_minibatch_max_dev"] = first      # max |ratio - 1| before any update: must be 0
     return out
 
 
@@ -1486,7 +1636,8 @@ def ppo_iteration(models: dict, opts: dict, tok, rows, cfg: Config, kl_coef: flo
     advantages, returns = gae_advantages(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, ro.mask)          # whitened over real answer tokens only
     models["actor"].train(), models["critic"].train()         # dropout is 0: train() changes nothing numerically
-    stats = ppo_update(models["actor"], models["critic"], opts["actor"], opts["critic"], ro, advantages, returns, cfg)
+    stats = ppo_update(models["actor"], models["critic"], opts["actor"], opts["critic"], ro, advantages, returns, cfg,
+                       opts.get("scaler"))
     models["actor"].eval(), models["critic"].eval()
     timings["train"] = time.time() - t0
     gold = [g for g in ro.gold if g is not None]
@@ -1568,10 +1719,21 @@ def kept_checkpoint(path) -> str:
     return f"{path} holds the checkpoint of iteration {it}, intact: re-run this cell to resume from it."
 
 
+def one_process_only(stage: str) -> None:
+    """PPO and GRPO sample their own batches: N processes would each run the whole loop and write the same
+    folder, so refuse before anything is loaded or written."""
+    n = accelerator().num_processes
+    if n > 1:
+        raise RuntimeError(f"{stage} runs in one process: its rollouts are not split over processes, and this "
+                           f"run was started with {n} (torchrun / accelerate launch). Start it as "
+                           f"`python util.py {stage.lower()} ...`; SFT, the reward model and DPO do use N processes.")
+
+
 def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> list[dict]:
     """The PPO loop with periodic atomic checkpoints; re-running resumes from the last one."""
     import torch
     from safetensors.torch import load_file
+    one_process_only("PPO")
     out = cfg.path("rlhf")
     tok = load_tokenizer(_require(cfg.path("actor")))
     _require(cfg.path("critic"))
@@ -1580,19 +1742,21 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
     state = load_ppo_state(out, cfg)
     if cfg.lora_r > 0:                          # LoRA: SFT weights + adapters (the checkpoint's when resuming)
         from peft import PeftModel
-        sft = load_causal_lm(cfg.path("actor"), device=device)
+        sft = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
         actor = PeftModel.from_pretrained(sft, out / "adapter", is_trainable=True) if state else add_lora(sft, cfg)
     else:
-        actor = load_causal_lm(out if state else cfg.path("actor"), device=device)
+        actor = load_causal_lm(out if state else cfg.path("actor"), device=device, cfg=cfg)
     models = {"actor": actor,
-              "ref": None if cfg.lora_r > 0 else load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False),
-              "critic": load_score_model(out / "critic" if state else cfg.path("critic"), device=device),
-              "rm": load_score_model(cfg.path("critic"), device=device).requires_grad_(False)}
+              "ref": None if cfg.lora_r > 0 else
+              load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False),
+              "critic": load_score_model(out / "critic" if state else cfg.path("critic"), device=device, cfg=cfg),
+              "rm": load_score_model(cfg.path("critic"), device=device, cfg=cfg).requires_grad_(False)}
     for m in models.values():
         if m is not None:                       # ref is None with LoRA (the actor with adapters off)
             check_tokenizer_matches(tok, m, cfg)
     opts = {"actor": make_optimizer(models["actor"], cfg.ppo_lr, 1, warmup=0)[0],
-            "critic": make_optimizer(models["critic"], cfg.ppo_vf_lr, 1, warmup=0)[0]}
+            "critic": make_optimizer(models["critic"], cfg.ppo_vf_lr, 1, warmup=0)[0],
+            "scaler": grad_scaler(cfg, device)}
     history, kl_coef, start = [], cfg.kl_coef, 0
     if state:
         tensors = load_file(str(out / "optimizer.safetensors"))
@@ -1670,39 +1834,43 @@ def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int =
 def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 20) -> list[dict]:
     """Direct preference optimisation on (prompt, chosen, rejected) against a frozen reference (ref=None: the
     model's own weights with LoRA adapters off); returns the history (held-out stats on up to 200 pairs)."""
+    import torch
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
     train_rows = fit_rows(tok, train_rows, cfg, ("chosen", "rejected"), "DPO training pairs")
     plan = batches(len(train_rows), cfg.dpo_batch_size, cfg.dpo_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.dpo_lr, len(plan))
-    acc = accelerator()
-    wrapped, opt = acc.prepare(model, opt)      # same weights; a DDP wrapper only under `accelerate launch`
+    wrapped, scaler = accelerator().prepare(model), grad_scaler(cfg, device)   # DDP only with N processes
     history, run = [], []
     bar = progress(plan, desc="DPO")
     with stop_cleanly("DPO", cfg, ("dpo_batch_size",), lambda: kept_model(cfg.path("dpo")), model):
         for step, idx in enumerate(bar, 1):
             model.train()
-            part = [train_rows[i] for i in my_share(idx)]
-            ids, mask, labels = (t.to(device) for t in pair_batch(tok, part, cfg))
-            with reference_model(model, ref) as r:
-                ref_lp = answer_logprobs(r, ids, mask, labels)
-            lp = answer_logprobs(wrapped, ids, mask, labels)
-            k = len(part)
-            loss, rc, rr = dpo_loss(lp[:k], lp[k:], ref_lp[:k], ref_lp[k:], cfg.dpo_beta, cfg.dpo_loss)
-            if cfg.dpo_sft_weight > 0:
-                # DPO alone may lower the chosen answer's probability too (only the gap counts); an SFT term on
-                # the chosen answer holds it up (per-token mean, as in SFT)
-                n_tokens = (labels[:k, 1:] != -100).sum(1).clamp(min=1)
-                loss = loss + cfg.dpo_sft_weight * (-lp[:k] / n_tokens).mean()
-            check_finite(loss, "DPO loss", step)
+            mine = my_share(idx)
             opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            check_finite(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm), "DPO gradient norm", step)
-            opt.step()
+            loss_sum, pair_stats = 0.0, []
+            for p in micro_batches(mine, cfg):
+                part = [train_rows[i] for i in p]
+                ids, mask, labels = (t.to(device) for t in pair_batch(tok, part, cfg))
+                with reference_model(model, ref) as r:
+                    ref_lp = answer_logprobs(r, ids, mask, labels)
+                lp = answer_logprobs(wrapped, ids, mask, labels)
+                k = len(part)
+                loss, rc, rr = dpo_loss(lp[:k], lp[k:], ref_lp[:k], ref_lp[k:], cfg.dpo_beta, cfg.dpo_loss)
+                if cfg.dpo_sft_weight > 0:
+                    # DPO alone may lower the chosen answer's probability too (only the gap counts); an SFT
+                    # term on the chosen answer holds it up (per-token mean, as in SFT)
+                    n_tokens = (labels[:k, 1:] != -100).sum(1).clamp(min=1)
+                    loss = loss + cfg.dpo_sft_weight * (-lp[:k] / n_tokens).mean()
+                loss = loss * (k / len(mine))           # the micro-batch's share of the batch's pairs
+                check_finite(loss, "DPO loss", step)
+                backward(loss, scaler)
+                loss_sum += float(loss.detach())
+                pair_stats.append(torch.stack([(rc > rr).float(), rc - rr, rc, rr]))
+            optimizer_step([(opt, model)], cfg, scaler, "DPO", step)
             sched.step()
-            run.append([float(loss.detach()), float((rc > rr).float().mean()), float((rc - rr).mean()),
-                        float(rc.mean()), float(rr.mean())])
+            run.append([loss_sum, *torch.cat(pair_stats, 1).mean(1).tolist()])
             if step % log_every == 0 or step == len(plan):
                 mean = [sum(col) / len(run) for col in zip(*run)]
                 rec = {"step": step, "epoch": step * cfg.dpo_batch_size / len(train_rows), "train_loss": mean[0],
@@ -1736,7 +1904,22 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4):
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
-def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config) -> dict:
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange: float, kl_coef: float):
+    """(loss, per-token KL, ratio) of GRPO: PPO's clipped surrogate with one advantage per answer, plus
+    kl_coef times the k3 KL to the reference inside the loss; a mean over each answer's tokens, then answers."""
+    import torch
+    # the log-probs are masked before anything is exponentiated: after the EOS they score pads, and
+    # exp(ref - policy) of such a position can overflow to inf, which a mask applied afterwards turns into NaN
+    logprobs, old_logprobs, ref_logprobs = logprobs * mask, old_logprobs * mask, ref_logprobs * mask
+    ratio = torch.exp(logprobs - old_logprobs)
+    a = advantages[:, None]                     # one advantage for every token of an answer
+    pg = -torch.min(ratio * a, ratio.clamp(1 - cliprange, 1 + cliprange) * a)
+    kl = kl_per_token(logprobs, ref_logprobs, "k3")        # k3 >= 0: a penalty in the loss, not the reward
+    loss = masked_mean(pg + kl_coef * kl, mask, dim=1).mean()
+    return loss, kl, ratio
+
+
+def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config, scaler=None) -> dict:
     """One GRPO iteration: sample a group per prompt, reward, group-relative advantages, clipped updates with
     a k3 KL penalty to the reference inside the loss; returns its log record."""
     import torch
@@ -1765,22 +1948,23 @@ def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config) -> dict:
         perm = torch.randperm(len(group))
         for start in range(0, len(group), cfg.grpo_minibatch_size):
             mb = perm[start:start + cfg.grpo_minibatch_size]
-            m = mask[mb]
-            logprobs, _ = response_logprobs(actor, qr[mb], attn[mb], lq, cfg.temperature)
-            ratio = torch.exp((logprobs - old_logprobs[mb]) * m)
-            a = adv[mb, None]                                 # one advantage for every token of an answer
-            pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange) * a)
-            kl = kl_per_token(logprobs, ref_logprobs[mb], "k3")   # k3 >= 0: a penalty in the loss, not the reward
-            per_token = pg + cfg.grpo_kl_coef * kl
-            loss = (masked_mean(per_token, m, dim=1)).mean()  # mean over each answer's tokens, then over answers
-            check_finite(loss, "GRPO loss", epoch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            check_finite(torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm), "GRPO gradient norm", epoch)
-            opt.step()
-            stats["loss"].append(float(loss.detach()))
-            stats["kl"].append(float(masked_mean(kl.detach(), m, dim=1).mean()))
-            stats["clipfrac"].append(float(masked_mean(((ratio.detach() - 1).abs() > cfg.cliprange).float(), m)))
+            sums = dict.fromkeys(stats, 0.0)
+            for part in micro_batches(mb.tolist(), cfg):
+                part = torch.tensor(part)
+                m = mask[part]
+                logprobs, _ = response_logprobs(actor, qr[part], attn[part], lq, cfg.temperature)
+                loss, kl, ratio = grpo_loss(logprobs, old_logprobs[part], ref_logprobs[part], adv[part], m,
+                                            cfg.cliprange, cfg.grpo_kl_coef)
+                share = len(part) / len(mb)         # answer-means over micro-batches add up to the minibatch's
+                check_finite(loss, "GRPO loss", epoch)
+                backward(loss * share, scaler)
+                sums["loss"] += float(loss.detach()) * share
+                sums["kl"] += float(masked_mean(kl.detach(), m, dim=1).mean()) * share
+                sums["clipfrac"] += float(masked_mean(((ratio.detach() - 1).abs() > cfg.cliprange).float(), m)) * share
+            optimizer_step([(opt, actor)], cfg, scaler, "GRPO", f"epoch {epoch}")
+            for k, v in sums.items():
+                stats[k].append(v)
     actor.eval()
     zero_std = float((rewards.view(-1, cfg.grpo_group_size).std(1) == 0).float().mean())
     return {"reward": float(rewards.mean()), "gold_acc": sum(acc) / len(acc), "format_rate": sum(fmt) / len(fmt),
@@ -1792,19 +1976,22 @@ def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config) -> dict:
 def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
     """The GRPO loop from the SFT actor; returns (trained actor, history). Saving is the notebook's job."""
     import torch
+    one_process_only("GRPO")
     tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
     rows = rows if rows is not None else load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
-    actor = add_lora(load_causal_lm(cfg.path("actor"), device=device), cfg)
-    ref = None if cfg.lora_r > 0 else load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False)
-    rm = load_score_model(_require(cfg.path("critic"), "2_critic.ipynb"), device=device) if cfg.grpo_rm_weight > 0 else None
+    actor = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
+    ref = None if cfg.lora_r > 0 else load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
+    rm = (load_score_model(_require(cfg.path("critic"), "2_critic.ipynb"), device=device, cfg=cfg)
+          if cfg.grpo_rm_weight > 0 else None)
     opt, _ = make_optimizer(actor, cfg.grpo_lr, 1, warmup=0)
+    scaler = grad_scaler(cfg, device)
     history = []
     bar = progress(range(cfg.grpo_iterations), desc="GRPO")
     with stop_cleanly("GRPO", cfg, ("grpo_prompts", "grpo_group_size"), lambda: kept_model(cfg.path("grpo")), actor):
         for it in bar:
             set_seed(cfg.seed * 100_003 + it)
             batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.grpo_prompts].tolist()]
-            rec = {"iteration": it + 1, **grpo_iteration(actor, ref, rm, opt, tok, batch, cfg)}
+            rec = {"iteration": it + 1, **grpo_iteration(actor, ref, rm, opt, tok, batch, cfg, scaler)}
             history.append(rec)
             bar.set_postfix(reward=f"{rec['reward']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.3f}", refresh=False)
     return actor, history
@@ -1929,19 +2116,20 @@ def run_stage(stage: str, cfg: Config) -> dict:
             prepare_base_models(cfg)
         accelerator().wait_for_everyone()
         tok = load_tokenizer(cfg.path("base_actor"))
-        model = load_causal_lm(cfg.path("base_actor"), "0_download.ipynb", device)
+        model = load_causal_lm(cfg.path("base_actor"), "0_download.ipynb", device, cfg)
         history = train_sft(model, tok, train, evalset, cfg, device)
     elif stage == "rm":
         tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
-        model = load_score_model(cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor"), "1_actor.ipynb", device)
+        model = load_score_model(cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor"), "1_actor.ipynb",
+                                 device, cfg)
         history = train_reward(model, tok, train, evalset, cfg, device)
         prompts = [r["prompt"] for r in train[:256]]
-        answers = sample_answers(load_causal_lm(cfg.path("actor"), device=device), tok, prompts, cfg)
+        answers = sample_answers(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), tok, prompts, cfg)
         history[-1]["reward_offset"] = set_reward_offset(model, tok, prompts, answers, cfg, device)
     elif stage == "dpo":
         tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
-        model = add_lora(load_causal_lm(cfg.path("actor"), device=device), cfg)
-        ref = None if cfg.lora_r else load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False)
+        model = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
+        ref = None if cfg.lora_r else load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
         history = train_dpo(model, ref, tok, train, evalset, cfg, device)
     elif stage == "grpo":
         tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))

@@ -108,5 +108,5 @@ def test_ppo_with_lora_holds_one_base_copy_and_resumes(micro_dirs, tmp_path):
     assert type(util.load_causal_lm(out / "rlhf")).__name__ == "OPTForCausalLM"   # merged: 4_test loads it plainly
     resumed = util.train_ppo(cfg, "cpu")
     assert [h["iteration"] for h in resumed] == [1, 2] and resumed[0] == first[0]
-    assert resumed[1]["ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-5)
+    assert resumed[1]["ratio_first_minibatch_max_dev"] < 1e-6
     assert util.load_ppo_state(out / "rlhf", util.get_config("smoke", out_dir=str(out))) is None   # full FT: afresh

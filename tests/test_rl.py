@@ -254,7 +254,7 @@ def test_ratio_is_one_on_first_minibatch_and_clip_acts(micro_dirs, rows, tmp_pat
     cfg = _ppo_cfg(micro_dirs, tmp_path, ppo_lr=1e-2)
     hist = util.train_ppo(cfg, "cpu", rows=rows)
     for h in hist:
-        assert h["ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-5)
+        assert h["ratio_first_minibatch_max_dev"] < 1e-6
         for k in ("rm_score", "gold_acc", "kl", "entropy", "clipfrac", "approx_kl", "pg_loss", "vf_loss",
                   "length", "eos_rate", "time_generate", "time_score", "time_train"):
             assert math.isfinite(h[k]), k
