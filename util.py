@@ -220,7 +220,7 @@ _ACCELERATOR = []
 
 def accelerator():
     """The run's accelerate.Accelerator. In a notebook (one process) it changes nothing; under
-    `accelerate launch` it wraps the model for data parallelism over processes (DDP, or DeepSpeed ZeRO)."""
+    `accelerate launch` or torchrun it wraps the model for data parallelism over processes (DDP)."""
     if not _ACCELERATOR:
         from accelerate import Accelerator
         # precision is ours (Config.precision, see run_in_precision), not a launcher's: one autocast, one scaler
@@ -229,7 +229,7 @@ def accelerator():
 
 
 def unwrap(model):
-    """The model inside an accelerate/DDP/DeepSpeed wrapper (or the model itself)."""
+    """The model inside an accelerate/DDP wrapper (or the model itself)."""
     return getattr(model, "module", model)
 
 
@@ -255,6 +255,17 @@ def colab_setup(requirements=ROOT / "requirements.txt", run=None) -> list[str]:
     import subprocess
     (run or subprocess.check_call)(cmd)
     return cmd
+
+
+def free_memory() -> None:
+    """Give back what deleted models held: Python's garbage, accelerate's references, CUDA's cached blocks
+    (the next stage, or a notebook run after this one in the same runtime, gets the GPU memory back)."""
+    import gc
+    import torch
+    accelerator().free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def progress(iterable, **kwargs):
@@ -1247,8 +1258,6 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
 
 def check_finite(loss, what: str, step) -> None:
     """Stop with a clear message on a NaN/inf loss instead of training on garbage (`step`: a number or a phrase)."""
-    if loss is None:                            # DeepSpeed clips inside its engine and reports no norm
-        return
     value = float(loss.detach() if hasattr(loss, "detach") else loss)
     if not math.isfinite(value):
         at = f"step {step}" if isinstance(step, int) else step

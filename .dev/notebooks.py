@@ -19,7 +19,7 @@ import util
 cfg = util.get_config(PRESET)
 device = util.get_device()
 util.set_seed(cfg.seed)
-print(f"preset: {cfg.preset}   outputs: {cfg.out_dir}")
+print(f"preset: {cfg.preset}   precision: {util.resolve_precision(cfg, device)}   outputs: {cfg.out_dir}")
 pd.set_option("display.max_colwidth", 120)'''
 
 
@@ -166,7 +166,7 @@ per token here, and only about a fifth of the positions of a padded batch predic
     code('''tok = util.load_tokenizer(cfg.path("base_actor"))
 train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
 evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
-model = util.load_causal_lm(cfg.path("base_actor"), stage="0_download.ipynb", device=device)
+model = util.load_causal_lm(cfg.path("base_actor"), stage="0_download.ipynb", device=device, cfg=cfg)
 util.check_tokenizer_matches(tok, model)
 print(f"{len(train)} training demos, {len(evalset)} held-out prompts")'''),
     md("What the model sees for one example: every token, and its label (`-100` = no loss)."),
@@ -194,7 +194,9 @@ pd.DataFrame([summary])'''),
     code('''metrics = {"preset": cfg.preset, "sft_seconds": sft_seconds, "history": history, **summary,
            "per_family": util.per_family_accuracy(rows)}
 path = util.save_model(model, tok, cfg.path("actor"), metrics)
-print("saved", path)'''),
+print("saved", path)
+del model
+util.free_memory()          # on a GPU: the memory goes back before the next notebook or stage'''),
 ]
 
 # --------------------------------------------------------------------------------------------------- 2_critic
@@ -231,7 +233,7 @@ train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
 evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
 # tiny: start from the SFT actor's backbone; opt: from facebook/opt-125m
 init = cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor")
-rm = util.load_score_model(init, device=device)
+rm = util.load_score_model(init, device=device, cfg=cfg)
 print("initialised from", init)'''),
     md("The pooling index: the same two answers, padded left and right, give the same scores."),
     code('''import torch
@@ -268,13 +270,15 @@ pd.DataFrame(wrong).head(10)'''),
 
 Score answers sampled from the SFT policy and store their mean as `reward_offset` in the RM's config;
 `util.reward_scores` subtracts it wherever the RM is used."""),
-    code('''actor = util.load_causal_lm(cfg.path("actor"), device=device)
+    code('''actor = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
 prompts = [r["prompt"] for r in train[:256]]
 offset = util.set_reward_offset(rm, tok, prompts, util.sample_answers(actor, tok, prompts, cfg, desc="SFT answers"), cfg, device)
 print(f"reward offset (mean raw score of SFT answers): {offset:.3f}")
 metrics = {"preset": cfg.preset, "rm_seconds": rm_seconds, "eval_pairwise_acc": acc, "reward_offset": offset,
            "history": history}
-print("saved", util.save_model(rm, tok, cfg.path("critic"), metrics))'''),
+print("saved", util.save_model(rm, tok, cfg.path("critic"), metrics))
+del rm, actor
+util.free_memory()          # on a GPU: the memory goes back before the next notebook or stage'''),
 ]
 
 # --------------------------------------------------------------------------------------------------- 3_rlhf
@@ -321,9 +325,10 @@ util.plot_history(h, "iteration", [["clipfrac", "approx_kl"], ["pg_loss"], ["vf_
 print(f"time per iteration: {times.sum(axis=1).mean():.2f} s")
 ax = times.plot.area(figsize=(7, 3), title="time split per iteration (s)"); ax.set_xlabel("iteration");'''),
     code('''cols = ["iteration", "rm_score", "gold_acc", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl",
-        "ratio_first_minibatch", "length", "eos_rate", "sample"]
+        "ratio_first_minibatch_max_dev", "length", "eos_rate", "sample"]
 pd.DataFrame(h)[cols].iloc[::max(1, len(h) // 10)].round(3)'''),
-    md("`ratio_first_minibatch` is 1: before the first update the policy *is* the rollout policy. "
+    md("`ratio_first_minibatch_max_dev` (the largest |ratio - 1| on the first minibatch) is 0: before the first "
+       "update the policy *is* the rollout policy (dropout is off, so a forward in training mode is the same). "
        "`clipfrac` > 0 on later minibatches shows the clip acting."),
 ]
 
@@ -337,16 +342,18 @@ Every model present is evaluated on the same held-out prompts it never trained o
     code('''from pathlib import Path
 tok = util.load_tokenizer(cfg.path("actor"))
 evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
-rm = util.load_score_model(cfg.path("critic"), device=device)
-ref = util.load_causal_lm(cfg.path("actor"), device=device)
+rm = util.load_score_model(cfg.path("critic"), device=device, cfg=cfg)
+ref = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
 candidates = {"SFT": "actor", "RLHF (PPO)": "rlhf", "DPO": "dpo", "GRPO": "grpo"}
 present = {name: d for name, d in candidates.items() if (cfg.path(d) / "config.json").exists()}
 print("models found:", list(present))'''),
     code('''results, rows = {}, {}
 for name, d in present.items():
     util.set_seed(cfg.seed)
-    model = util.load_causal_lm(cfg.path(d), device=device)
+    model = util.load_causal_lm(cfg.path(d), device=device, cfg=cfg)
     results[name], rows[name] = util.evaluate_policy(model, tok, evalset, cfg, rm=rm, ref=ref, desc=name)
+    del model
+    util.free_memory()      # one evaluated model on the GPU at a time
 for name in results:
     results[name]["win_rate_vs_sft"] = util.win_rate([r["rm_score"] for r in rows[name]], [r["rm_score"] for r in rows["SFT"]])
 table = pd.DataFrame(results).T
@@ -412,8 +419,8 @@ What DPO cannot do: it only ever sees the answers in the dataset, never its own 
     code('''tok = util.load_tokenizer(cfg.path("actor"))
 train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
 evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
-actor = util.add_lora(util.load_causal_lm(cfg.path("actor"), device=device), cfg)
-ref = None if cfg.lora_r else util.load_causal_lm(cfg.path("actor"), device=device).requires_grad_(False)
+actor = util.add_lora(util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
+ref = None if cfg.lora_r else util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
 print(f"{len(train)} preference pairs; beta={cfg.dpo_beta}, loss={cfg.dpo_loss}, LoRA rank={cfg.lora_r}")'''),
     code('''t0 = time.time()
 history = util.train_dpo(actor, ref, tok, train, evalset, cfg, device)
@@ -436,8 +443,8 @@ $\beta$, or `dpo_sft_weight > 0`, an SFT term on the chosen answers (RPO) that h
     md("## The gold metric: execution accuracy on held-out prompts, next to SFT"),
     code('''import json
 util.set_seed(cfg.seed)
-rm = util.load_score_model(cfg.path("critic"), device=device)
-sft_model = ref if ref is not None else util.load_causal_lm(cfg.path("actor"), device=device)
+rm = util.load_score_model(cfg.path("critic"), device=device, cfg=cfg)
+sft_model = ref if ref is not None else util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
 summary, rows = util.evaluate_policy(actor, tok, evalset, cfg, rm=rm, ref=sft_model, desc="DPO")
 sft = json.loads((cfg.path("actor") / "metrics.json").read_text())
 keys = ["exec_acc_greedy", "exec_acc_sampled", "rm_score", "kl_to_sft", "eos_rate"]
@@ -447,7 +454,9 @@ pd.DataFrame({"SFT": {k: sft.get(k) for k in keys}, "DPO": {k: summary[k] for k 
     code('''pd.DataFrame(rows)[["family", "gold", "greedy", "sampled", "sampled_ok"]].head(10)'''),
     code('''metrics = {"preset": cfg.preset, "dpo_seconds": dpo_seconds, "beta": cfg.dpo_beta, "loss": cfg.dpo_loss,
            "lora_r": cfg.lora_r, "history": history, **summary, "per_family": util.per_family_accuracy(rows)}
-print("saved", util.save_model(actor, tok, cfg.path("dpo"), metrics))'''),
+print("saved", util.save_model(actor, tok, cfg.path("dpo"), metrics))
+del actor, ref, rm, sft_model
+util.free_memory()          # on a GPU: the memory goes back before the next notebook or stage'''),
 ]
 
 # --------------------------------------------------------------------------------------------------- 6_grpo
@@ -488,8 +497,8 @@ pd.DataFrame(history)[cols].iloc[::max(1, len(history) // 10)].round(3)'''),
 tok = util.load_tokenizer(cfg.path("actor"))
 evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
 util.set_seed(cfg.seed)
-rm = util.load_score_model(cfg.path("critic"), device=device)
-sft_model = util.load_causal_lm(cfg.path("actor"), device=device)
+rm = util.load_score_model(cfg.path("critic"), device=device, cfg=cfg)
+sft_model = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
 summary, rows = util.evaluate_policy(actor, tok, evalset, cfg, rm=rm, ref=sft_model, desc="GRPO")
 sft = json.loads((cfg.path("actor") / "metrics.json").read_text())
 keys = ["exec_acc_greedy", "exec_acc_sampled", "rm_score", "kl_to_sft", "eos_rate"]
@@ -498,7 +507,9 @@ pd.DataFrame({"SFT": {k: sft.get(k) for k in keys}, "GRPO": {k: summary[k] for k
               "GRPO": {f: v["sampled_ok"] for f, v in util.per_family_accuracy(rows).items()}})'''),
     code('''metrics = {"preset": cfg.preset, "grpo_seconds": grpo_seconds, "lora_r": cfg.lora_r, "history": history,
            **summary, "per_family": util.per_family_accuracy(rows)}
-print("saved", util.save_model(actor, tok, cfg.path("grpo"), metrics))'''),
+print("saved", util.save_model(actor, tok, cfg.path("grpo"), metrics))
+del actor, rm, sft_model
+util.free_memory()          # on a GPU: the memory goes back before the next notebook or stage'''),
 ]
 
 
