@@ -45,3 +45,19 @@ def test_sft_stage_one_and_two_processes_same_result_shape(tmp_path):
     resolved = json.loads((tmp_path / "two" / "actor" / "run_config.json").read_text())
     assert resolved["preset"] == "smoke" and resolved["out_dir"] == str(tmp_path / "two")
     assert util.load_causal_lm(tmp_path / "two" / "actor").config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_ppo_and_grpo_under_torchrun_refuse_before_writing(tmp_path, micro_dirs, stage):
+    """Two processes would each run the whole RL loop and write the same folder: they stop at once, saying why."""
+    import shutil
+    for d in ("actor", "critic"):
+        shutil.copytree(micro_dirs.path(d), tmp_path / d)
+    conf = tmp_path / "smoke.json"
+    conf.write_text(json.dumps({"preset": "smoke"}))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "RLHF_OUT": str(tmp_path), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", "util.py", stage, "--config", str(conf)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "runs in one process" in p.stderr and "started with 2" in p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["actor", "critic", "smoke.json"]   # nothing written

@@ -62,7 +62,8 @@ def test_hub_snapshot_loads_in_fp32_with_dropout_off(hub, tmp_path):
 
 def test_opt_preset_runs_every_stage_on_hub_snapshots(hub, tmp_path):
     """SFT, RM, PPO, DPO, GRPO and the evaluation, a few steps each, through util.run_stage as the CLI runs them."""
-    cfg = opt_config(hub, tmp_path, sft_lr=1e-3, sft_epochs=4, rm_epochs=2, ppo_iterations=2, grpo_iterations=2)
+    cfg = opt_config(hub, tmp_path, sft_lr=1e-3, sft_epochs=4, rm_epochs=2, ppo_iterations=2, grpo_iterations=2,
+                     rollout_batch_size=32, grpo_prompts=8)
     assert (cfg.micro_batch_size, cfg.sft_batch_size) == (8, 32)        # the preset accumulates 4 micro-batches
     sft = json.loads((util.run_stage("sft", cfg) and cfg.path("actor", "metrics.json")).read_text())["history"]
     losses = [h["eval_loss"] for h in sft]
@@ -91,8 +92,8 @@ def test_opt_preset_runs_every_stage_on_hub_snapshots(hub, tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_keeps_fp32_weights_and_trains(hub, tmp_path, precision):
     """bf16 autocast, and fp16 autocast with loss scaling, as a GPU runs them (on the CPU here)."""
-    cfg = opt_config(hub, tmp_path, precision=precision, sft_epochs=1, sft_lr=1e-3, ppo_iterations=1,
-                     rollout_batch_size=16)
+    cfg = opt_config(hub, tmp_path, precision=precision, sft_epochs=1, sft_lr=1e-3, rm_epochs=0.5,
+                     ppo_iterations=1, rollout_batch_size=16, ppo_epochs=1)
     util.run_stage("sft", cfg)
     model = util.load_causal_lm(cfg.path("actor"), cfg=cfg)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
