@@ -116,34 +116,38 @@ def test_precision_auto_and_errors():
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
-def test_micro_batches_give_the_whole_batch_loss(micro_dirs, tmp_path, rows, stage):
-    """Gradient accumulation changes memory, not the arithmetic: the same logged losses with micro-batches of 5
-    (uneven parts) as in one piece. A part weighted by its row count instead of its token count, or summed
-    instead of averaged, changes the loss."""
+def test_micro_batches_and_checkpointing_give_the_whole_batch_loss(micro_dirs, tmp_path, rows, stage):
+    """Gradient accumulation and gradient checkpointing change memory, not the arithmetic: the same logged
+    losses with micro-batches of 5 (uneven parts), and with activations recomputed (the RM then reads each prompt
+    with each answer instead of from a cache), as in one piece. A part weighted by its row count instead of its
+    token count, or summed instead of averaged, changes the loss."""
     import shutil
     shutil.copytree(micro_dirs.path("actor"), tmp_path / "actor")
     tok = util.load_tokenizer(tmp_path / "actor")
     out = {}
-    for micro in (0, 5):
-        cfg = util.get_config("smoke", out_dir=str(tmp_path), micro_batch_size=micro, sft_batch_size=16,
+    for micro, ckpt in ((0, False), (5, False), (0, True)):
+        cfg = util.get_config("smoke", out_dir=str(tmp_path), micro_batch_size=micro, gradient_checkpointing=ckpt,
+                              sft_batch_size=16,
                               rm_batch_size=16, dpo_batch_size=16, sft_epochs=0.7, rm_epochs=0.7, dpo_epochs=0.7,
                               rm_max_rejected=3, rm_prefix_weight=0.0)   # the prefix term: see reward_loss
         if stage == "sft":
             model = util.load_causal_lm(tmp_path / "actor", cfg=cfg)
-            out[micro] = util.train_sft(model, tok, rows, rows[:8], cfg, "cpu")
+            out[micro, ckpt] = util.train_sft(model, tok, rows, rows[:8], cfg, "cpu")
         elif stage == "rm":
             model = util.load_score_model(tmp_path / "actor", cfg=cfg)
             torch.manual_seed(0)
             model.score.reset_parameters()
-            out[micro] = util.train_reward(model, tok, rows, rows[:8], cfg, "cpu")
+            out[micro, ckpt] = util.train_reward(model, tok, rows, rows[:8], cfg, "cpu")
         else:
             model = util.load_causal_lm(tmp_path / "actor", cfg=cfg)
             ref = util.load_causal_lm(tmp_path / "actor", cfg=cfg).requires_grad_(False)
-            out[micro] = util.train_dpo(model, ref, tok, rows, rows[:8], cfg, "cpu")
-    assert len(out[0]) >= 2
-    for a, b in zip(out[0], out[5]):
-        for k, v in a.items():
-            assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (k, a, b)
+            out[micro, ckpt] = util.train_dpo(model, ref, tok, rows, rows[:8], cfg, "cpu")
+        assert model.is_activation_checkpointing == ckpt
+    assert len(out[0, False]) >= 2
+    for other in ((5, False), (0, True)):
+        for a, b in zip(out[0, False], out[other]):
+            for k, v in a.items():
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (other, k, a, b)
 
 
 def test_ppo_and_grpo_refuse_several_processes(monkeypatch, micro_dirs):
