@@ -246,12 +246,16 @@ COLAB_SKIP = r"(torch|jupyter\w*|ipykernel|papermill|nbval|pytest|websocket-clie
 
 
 def colab_setup(requirements=ROOT / "requirements.txt", run=None) -> list[str]:
-    """In Colab, pip-install the requirements except COLAB_SKIP (Colab's torch stays); elsewhere do nothing."""
+    """In Colab, pip-install the requirements except COLAB_SKIP (Colab's torch stays); elsewhere do nothing.
+    Returns the pip command. RLHF_COLAB_NO_INSTALL=1 returns it without running it (tests/test_colab.py runs
+    the notebooks' Colab cell offline that way)."""
     if not in_colab():
         return []
     lines = [ln.strip() for ln in Path(requirements).read_text().splitlines()]
     pkgs = [ln for ln in lines if ln and not ln.startswith("#") and not re.match(COLAB_SKIP, ln)]
     cmd = [sys.executable, "-m", "pip", "install", "-q", *pkgs]
+    if os.environ.get("RLHF_COLAB_NO_INSTALL") not in (None, "", "0"):
+        return cmd
     import subprocess
     (run or subprocess.check_call)(cmd)
     return cmd

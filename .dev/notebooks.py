@@ -6,12 +6,46 @@ import nbformat as nbf
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The first code cell of every notebook. Outside Colab it does nothing. In Colab (each notebook in its own
+# runtime, opened from GitHub with no util.py beside it) it finds the project on Google Drive or clones it there
+# (else into /content, where model/ dies with the runtime), enters it and installs what Colab lacks.
+# It cannot import util before it has found it, hence the logic inline. tests/test_colab.py runs it.
+BOOTSTRAP = '''# Colab only (nothing happens elsewhere): find this project or clone it, enter it, install what
+# Colab lacks. Each notebook runs in its own runtime: only Google Drive keeps model/ for the next.
+import os, sys
+if "google.colab" in sys.modules:
+    import glob, subprocess
+    REPO = os.environ.get("RLHF_REPO", "https://github.com/tiny-rlhf/tiny-rlhf")  # or your fork
+    mount = os.environ.get("RLHF_DRIVE_MOUNT", "/content/drive")
+    drive = os.path.join(mount, "MyDrive")
+    project = os.getcwd() if os.path.exists("util.py") else None    # files beside it, or a re-run
+    if project is None:
+        try:
+            from google.colab import drive as gdrive
+            gdrive.mount(mount)
+        except Exception as e:                    # declined or failed: carry on without Drive
+            print("Google Drive not mounted:", e)
+        home = drive if os.path.isdir(drive) else os.environ.get("RLHF_COLAB_CONTENT", "/content")
+        # a copy already there: MyDrive/tiny-rlhf, MyDrive/<any>/ or MyDrive/<any>/tiny-rlhf*/
+        look = [f"{home}/tiny-rlhf", *sorted(glob.glob(f"{drive}/*/")),
+                *sorted(glob.glob(f"{drive}/*/tiny-rlhf*/"))]
+        found = [p for p in look if os.path.exists(f"{p}/util.py")
+                 and os.path.exists(f"{p}/0_download.ipynb")]
+        project = os.path.normpath(found[0] if found else f"{home}/tiny-rlhf")
+        if not found:
+            subprocess.run(["git", "clone", "-q", "--depth", "1", REPO, project], check=True)
+    os.chdir(project)
+    sys.path.insert(0, project)
+    on_drive = os.path.realpath(project).startswith(os.path.realpath(drive) + os.sep)
+    print(f"tiny-rlhf: {project};", "outputs (model/) persist on Google Drive" if on_drive else
+          "not on Google Drive: the next notebook will NOT see model/ (lost when the runtime ends)")
+    import util; util.colab_setup()               # pip-installs the requirements, except torch
+'''.strip()
+
 PARAMS = '''# papermill parameters: None = RLHF_PRESET if set, else "opt" with a GPU and a reachable hub, else "tiny"
 PRESET = None'''
 
-SETUP = '''import sys, time
-if "google.colab" in sys.modules:     # Colab: install what it lacks, keep Colab's own torch
-    import util; util.colab_setup()
+SETUP = '''import time
 import pandas as pd
 import matplotlib.pyplot as plt
 import util
@@ -35,7 +69,7 @@ def code(text, tags=()):
 
 
 def header(title, intro):
-    return [md(f"# {title}\n\n{intro}"), code(PARAMS, tags=["parameters"]), code(SETUP)]
+    return [md(f"# {title}\n\n{intro}"), code(BOOTSTRAP), code(PARAMS, tags=["parameters"]), code(SETUP)]
 
 
 NOTEBOOKS = {}

@@ -505,9 +505,13 @@ def test_same_seed_same_metrics(micro_dirs, rows, tok, tmp_path):
 def test_colab_setup_cell_installs_without_touching_torch(tmp_path):
     setups = set()
     for nb in sorted(ROOT.glob("[0-9]_*.ipynb")):
-        cells = json.loads(nb.read_text())["cells"]
-        setups |= {"".join(c["source"]) for c in cells if c["cell_type"] == "code" and "colab_setup" in "".join(c["source"])}
-    assert len(setups) == 1                                           # every notebook has the same set-up cell
+        # the code cells up to the set-up cell (cfg = ...), without the parameters cell: the Colab bootstrap
+        # (it finds util.py in the cwd here and calls util.colab_setup) and the set-up itself
+        cells = [c for c in json.loads(nb.read_text())["cells"]
+                 if c["cell_type"] == "code" and "parameters" not in c["metadata"].get("tags", [])]
+        end = next(i for i, c in enumerate(cells) if "util.get_config(" in "".join(c["source"]))
+        setups.add("\n".join("".join(c["source"]) for c in cells[:end + 1]))
+    assert len(setups) == 1 and "colab_setup" in next(iter(setups))  # every notebook has the same set-up
     script = tmp_path / "colab.py"
     script.write_text(
         "import importlib.machinery, json, subprocess, sys, types\n"

@@ -63,9 +63,12 @@ def test_device_is_printed(capsys):
 
 
 def test_colab_setup_installs_everything_but_torch(monkeypatch):
+    monkeypatch.delenv("RLHF_COLAB_NO_INSTALL", raising=False)
     calls = []
     assert util.colab_setup(ROOT / "requirements.txt", run=calls.append) == []      # not in Colab: nothing
     monkeypatch.setitem(sys.modules, "google.colab", object())
     cmd = util.colab_setup(ROOT / "requirements.txt", run=calls.append)
     assert calls == [cmd] and cmd[:4] == [sys.executable, "-m", "pip", "install"]
     assert not any(c.startswith("torch") for c in cmd) and any(c.startswith("transformers") for c in cmd)
+    monkeypatch.setenv("RLHF_COLAB_NO_INSTALL", "1")                                  # tests: never call pip
+    assert util.colab_setup(ROOT / "requirements.txt", run=calls.append) == cmd and calls == [cmd]
