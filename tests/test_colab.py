@@ -141,7 +141,7 @@ def test_a_from_github_without_drive_clones_into_content_and_warns(stub, source,
     project = tmp_path / "content" / "tiny-rlhf"
     assert out[1] == f"Google Drive not mounted: Error: credential propagation was unsuccessful\n" \
                      f"tiny-rlhf: {project}; {LOST}\n"
-    assert f"preset: smoke   outputs: {project}/model" in out[3]
+    assert f"preset: smoke   precision: fp32   outputs: {project}/model" in out[3]
     assert (project / "model" / "base_actor").is_dir() and not (tmp_path / "content" / "drive").exists()
     cloned = json.loads((project / "0_download.ipynb").read_text())["cells"]
     assert "".join(next(c for c in cloned if c["cell_type"] == "code")["source"]) == NB.BOOTSTRAP
