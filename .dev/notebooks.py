@@ -172,36 +172,40 @@ print(f"{len(train)} training demos, {len(evalset)} held-out prompts")'''),
     md("""
 ## One step by hand
 
-The loss of one batch of 4 training rows, built by the helpers the loop uses (`util.row_examples`,
-`util.right_pad_batch`), scored by the model before any training. The table shows one row from a few prompt
-tokens before its answer to its end: the `label` is `-100` (no loss) on the prompt and on the pads, and the
-token's own id on the answer, EOS included; `log p(label)` is the log-probability the model gives that token,
-predicted from the position before it."""),
+The loss of one batch of 4 training rows, built by the helpers the loop uses
+(`util.row_examples`, `util.right_pad_batch`) and scored by the model before any training.
+The table shows one row from 3 prompt tokens before its answer to its first pads: the `label` is
+`-100` (no loss) on the prompt and on the pads, and the token's own id on the answer, EOS included;
+`log p(label)` is the log-probability the model gives that token, predicted from the position
+before it."""),
     code('''import math
 import torch
 batch = util.right_pad_batch(util.row_examples(tok, train[:4], cfg), tok.pad_token_id)
 ids, mask, labels = (t.to(device) for t in batch)
 with torch.no_grad():
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()    # every position, full vocabulary
-logp = torch.log_softmax(logits[:, :-1], dim=-1)           # the logits at position t predict token t + 1
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()   # all positions, full vocab
+logp = torch.log_softmax(logits[:, :-1], dim=-1)     # the logits at position t predict token t + 1
 target = labels[:, 1:]
-counts = target != -100                                    # the label positions: the loss is their mean
-logp_label = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0].masked_fill(~counts, float("nan"))
+counts = target != -100                              # the label positions: the loss is their mean
+logp_label = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]   # -100: any index, then NaN
+logp_label = logp_label.masked_fill(~counts, float("nan"))
 print("batch:", tuple(ids.shape), "  answer tokens per row:", counts.sum(1).tolist())
-i = int(mask.sum(1).argmin())                              # the shortest row: it ends in pads
-table = pd.DataFrame({"token": tok.convert_ids_to_tokens(ids[i, 1:].tolist()), "label": target[i].tolist(),
-                      "log p(label)": logp_label[i].tolist(), "in the loss": counts[i].tolist()},
+i = int(mask.sum(1).argmin())                        # the shortest row: it ends in pads
+table = pd.DataFrame({"token": tok.convert_ids_to_tokens(ids[i, 1:].tolist()),
+                      "label": target[i].tolist(), "log p(label)": logp_label[i].tolist(),
+                      "in the loss": counts[i].tolist()},
                      index=pd.RangeIndex(1, ids.shape[1], name="position"))
 answer_starts, n = int(counts[i].nonzero()[0]) + 1, int(mask[i].sum())
-table.loc[answer_starts - 3:n + 1]                         # 3 prompt tokens, the answer, 2 pads'''),
-    md("The loss by hand, `-mean(log p(label))` over the label positions, against `util.sft_loss`, the "
-       "function `train_sft` calls on every batch (it runs the LM head at those positions only)."),
+table.loc[answer_starts - 3:n + 1]                   # 3 prompt tokens, the answer, 2 pads'''),
+    md("The loss by hand, `-mean(log p(label))` over the label positions, against "
+       "`util.sft_loss`, the function `train_sft` calls on every batch (it runs the LM head at "
+       "those positions only)."),
     code('''by_hand = -logp_label[counts].mean()
 with torch.no_grad():
     helper = util.sft_loss(model, batch, device)
-print(f"SFT loss by hand: {by_hand:.6f}   util.sft_loss: {helper:.6f}   "
-      f"(a uniform guess over the {len(tok)} tokens: log {len(tok)} = {math.log(len(tok)):.3f})")
-rtol = 1e-5 if util.resolve_precision(cfg, device) == "fp32" else 2e-2     # bf16 / fp16 logits round
+print(f"SFT loss by hand: {by_hand:.6f}   util.sft_loss: {helper:.6f}   (a uniform guess over "
+      f"the {len(tok)} tokens: log {len(tok)} = {math.log(len(tok)):.3f})")
+rtol = 1e-5 if util.resolve_precision(cfg, device) == "fp32" else 2e-2   # bf16 / fp16 logits round
 assert torch.isclose(by_hand, helper.float(), rtol=rtol), (by_hand, helper)'''),
     md("Stopping this cell (the stop button, Ctrl-C) keeps `model/actor/` as it was; to train again, re-run from "
        "the cell that loads the model."),
@@ -209,7 +213,8 @@ assert torch.isclose(by_hand, helper.float(), rtol=rtol), (by_hand, helper)'''),
 history = util.train_sft(model, tok, train, evalset, cfg, device)
 sft_seconds = time.time() - t0
 print(f"SFT wall time: {sft_seconds:.0f} s")'''),
-    code('''util.plot_history(history, "epoch", [["train_loss", "eval_loss"]], "SFT loss (response tokens)")
+    code('''util.plot_history(history, "epoch", [["train_loss", "eval_loss"]],
+                  "SFT loss (response tokens)")
 print(f"held-out loss {history[-1]['eval_loss']:.3f}, perplexity {math.exp(history[-1]['eval_loss']):.2f}")'''),
     md("""
 ## Does it write correct SQL?
