@@ -280,6 +280,51 @@ print("last-token index, right padding:", util.last_token_index(mask_r).tolist()
 with torch.no_grad():
     print("scores right:", util.reward_scores(rm, ids_r.to(device), mask_r.to(device)).tolist())
     print("scores left: ", util.reward_scores(rm, ids_l.to(device), mask_l.to(device)).tolist())'''),
+    md("""
+## One step by hand
+
+One real training row, batched as the loop batches it (`util.ranking_examples`,
+`util.ranking_batch`: the prompt once, left-padded, its answers right-padded) and scored by
+`util.shared_prompt_scores`. The head gives a score at every answer token; the reward is the one at
+the last real token, the EOS (`util.last_token_index`), marked ◀ below. `mistake` marks the rejected
+answer's tokens from the first one that departs from the chosen answer (`util.mistake_positions`):
+the prefix loss ranks each score there below the chosen answer's reward too."""),
+    code('''import torch.nn.functional as F
+row = next(r for r in train if r["family"] == "compare")
+print(row["prompt"])
+batch = util.ranking_batch(util.ranking_examples(tok, [row], cfg), tok.pad_token_id)
+prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in batch)
+with torch.no_grad():                                # (answers, tokens): a score at every token
+    per_token = util.shared_prompt_scores(rm, prompt_ids, prompt_mask, ids, mask, owner)
+end = util.last_token_index(mask)                    # each answer's EOS
+after = util.mistake_positions(ids[c], ids[r], mask[c], mask[r])
+table = {}
+for name, j in (("chosen", int(c[0])), ("rejected", int(r[0]))):
+    n = int(mask[j].sum())
+    table[name] = pd.Series(tok.convert_ids_to_tokens(ids[j, :n].tolist()))
+    table[f"{name} score"] = pd.Series([f"{v:.3f}" + (" ◀" if t == end[j] else "")
+                                        for t, v in enumerate(per_token[j, :n].tolist())])
+n = int(mask[r[0]].sum())
+table["mistake"] = pd.Series(["✗" if a else "" for a in after[0, :n].tolist()])
+pd.DataFrame(table).fillna("")'''),
+    md("The loss by hand: $-\\log\\sigma(r_c - r_r)$ with the rewards read at the EOS, against "
+       "`util.pairwise_loss`; then the prefix term by hand, and their sum against "
+       "`util.reward_loss`, the function `train_reward` calls on every batch."),
+    code('''s = per_token[torch.arange(len(ids)), end]   # each answer's reward, read at its EOS
+rc, rr = s[c], s[r]
+by_hand = -F.logsigmoid(rc - rr).mean()
+prefix = (-F.logsigmoid(rc[:, None] - per_token[r]) * after).sum() / after.sum()   # mistakes
+with torch.no_grad():
+    helper = util.pairwise_loss(rc, rr)
+    loop, _, _ = util.reward_loss(rm, prompt_ids, prompt_mask, ids, mask, owner, c, r,
+                                  cfg.rm_prefix_weight)
+w = cfg.rm_prefix_weight
+print(f"r(chosen) = {rc[0]:.4f}   r(rejected) = {rr[0]:.4f}")
+print(f"pairwise loss by hand: {by_hand:.6f}   util.pairwise_loss: {helper:.6f}")
+print(f"with the prefix term by hand: {by_hand:.6f} + {w} x {prefix:.6f} = "
+      f"{by_hand + w * prefix:.6f}   util.reward_loss: {loop:.6f}")
+assert torch.isclose(by_hand, helper, rtol=1e-6)
+assert torch.isclose(by_hand + w * prefix, loop, rtol=1e-4), (by_hand + w * prefix, loop)'''),
     md("Stopping this cell keeps `model/critic/` as it was; to train again, re-run from the cell that loads the model."),
     code('''t0 = time.time()
 history = util.train_reward(rm, tok, train, evalset, cfg, device)
