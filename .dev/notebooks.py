@@ -502,6 +502,50 @@ evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
 actor = util.add_lora(util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
 ref = None if cfg.lora_r else util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
 print(f"{len(train)} preference pairs; beta={cfg.dpo_beta}, loss={cfg.dpo_loss}, LoRA rank={cfg.lora_r}")'''),
+    md("""
+## One step by hand
+
+A batch of 4 pairs (the loop draws `dpo_batch_size` at random; here the first 4 rows).
+`util.pair_batch` puts the 4 chosen answers, then the 4 rejected ones, in one SFT-style batch;
+`util.answer_logprobs` sums each answer's token log-probs, under the policy and under the reference.
+At the start the policy *is* the reference (the SFT model), so every implicit reward
+$\\beta(\\log\\pi - \\log\\pi_{\\text{ref}})$ in the table is 0."""),
+    code('''import math
+import torch
+import torch.nn.functional as F
+pairs, beta = train[:4], cfg.dpo_beta
+k = len(pairs)
+ids, mask, labels = (t.to(device) for t in util.pair_batch(tok, pairs, cfg))
+with torch.no_grad():
+    logp = util.answer_logprobs(actor, ids, mask, labels)             # log pi(y | x), 8 answers
+    with util.reference_model(actor, ref) as r:
+        ref_logp = util.answer_logprobs(r, ids, mask, labels)         # log pi_ref(y | x)
+print(f"policy vs reference: largest |log-prob difference| {(logp - ref_logp).abs().max():.1e}")
+assert torch.allclose(logp, ref_logp, atol=1e-4)
+reward = beta * (logp - ref_logp)                    # the implicit rewards, chosen then rejected
+h = (logp[:k] - ref_logp[:k]) - (logp[k:] - ref_logp[k:])
+pd.DataFrame({"chosen": [p["chosen"] for p in pairs], "rejected": [p["rejected"] for p in pairs],
+              "log π(y_c)": logp[:k].tolist(), "log π_ref(y_c)": ref_logp[:k].tolist(),
+              "log π(y_r)": logp[k:].tolist(), "log π_ref(y_r)": ref_logp[k:].tolist(),
+              "r̂(y_c)": reward[:k].tolist(), "r̂(y_r)": reward[k:].tolist(), "h": h.tolist()})'''),
+    md("""
+The DPO loss by hand, $-\\log\\sigma(\\beta h)$ averaged over the pairs, against
+`util.dpo_loss` (what `train_dpo` calls), and the IPO variant $(h - \\tfrac{1}{2\\beta})^2$.
+At the start $h = 0$ for every pair, so the DPO loss is $-\\log\\sigma(0) = \\log 2$ whatever the
+data: the policy prefers nothing the reference does not. Its gradient is not 0:
+$\\partial\\mathcal{L}/\\partial h = -\\beta\\,\\sigma(-\\beta h) = -\\beta/2$, so the first step
+pushes $\\log\\pi(y_c)$ up and $\\log\\pi(y_r)$ down. IPO starts at $(1/(2\\beta))^2$ and pulls
+$h$ towards $1/(2\\beta)$."""),
+    code('''by_hand = -F.logsigmoid(beta * h).mean()
+loss, rc, rr = util.dpo_loss(logp[:k], logp[k:], ref_logp[:k], ref_logp[k:], beta, "sigmoid")
+ipo_by_hand = ((h - 1 / (2 * beta)) ** 2).mean()
+ipo, _, _ = util.dpo_loss(logp[:k], logp[k:], ref_logp[:k], ref_logp[k:], beta, "ipo")
+print(f"DPO loss by hand: {by_hand:.6f}   util.dpo_loss: {loss:.6f}   log 2 = {math.log(2):.6f}")
+print(f"IPO loss by hand: {ipo_by_hand:.4f}   util.dpo_loss(..., 'ipo'): {ipo:.4f}   "
+      f"(1/(2 beta))^2 = {1 / (2 * beta) ** 2:.4f}")
+print(f"the loop uses dpo_loss={cfg.dpo_loss!r}, beta={beta}")
+assert torch.isclose(by_hand, loss) and torch.isclose(ipo_by_hand, ipo)
+assert torch.allclose(rc, reward[:k]) and torch.allclose(rr, reward[k:])'''),
     code('''t0 = time.time()
 history = util.train_dpo(actor, ref, tok, train, evalset, cfg, device)
 dpo_seconds = time.time() - t0
