@@ -606,6 +606,67 @@ The KL to the SFT reference is a term in the **loss** (with the k3 estimator, al
 Note what this changes: with the execution reward, training optimises the gold metric itself (on *training*
 prompts); the evaluation below stays on held-out prompts. There is no proxy to over-optimise, which is why
 verifiable rewards are popular — where they exist.""") + [
+    md("""
+## One step by hand: one group
+
+One prompt, $G$ = `grpo_group_size` answers sampled from the SFT actor with the loop's own
+sampler (`util.generate`, at the loop's temperature), each cut at its first EOS
+(`util.response_mask`), rewarded in sqlite (`util.exec_rewards`, `util.format_rewards`), then given
+its group-relative advantage (`util.group_advantages`): the steps of `util.grpo_iteration`, for one
+of its prompts. The prompt is from the `compare` family, where the SFT actor is right about half the
+time. Look at the `advantage` column: positive above the group's mean reward, negative below; a
+group whose answers all get the same reward has std 0 and gives every answer 0, no signal."""),
+    code('''import torch
+tok = util.load_tokenizer(cfg.path("actor"))
+train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
+sft = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)    # the policy at iteration 0
+row = next(r for r in train if r["family"] == "compare")
+print(row["prompt"], "\\ngold:", row["chosen"])
+group = [row] * cfg.grpo_group_size                  # one prompt, G times, as in grpo_iteration
+util.set_seed(cfg.seed)
+qr, prompt_mask, lq = util.generate(sft, tok, [r["prompt"] for r in group], cfg)
+responses = qr[:, lq:]
+mask = util.response_mask(responses, tok.eos_token_id).float()   # 1 up to the first EOS, included
+_, has_eos = util.first_eos_index(responses, tok.eos_token_id)
+texts = util.decode_responses(tok, responses)
+acc = util.exec_rewards(group, texts)
+fmt = util.format_rewards(group, texts, has_eos.tolist())
+rewards = torch.tensor(acc) + cfg.grpo_format_weight * torch.tensor(fmt)
+adv = util.group_advantages(rewards, cfg.grpo_group_size)
+pd.DataFrame({"answer": texts, "tokens": mask.sum(1).int().tolist(), "EOS": has_eos.tolist(),
+              "exec": acc, "format": fmt, "reward": rewards.tolist(),
+              "advantage": adv.tolist()})'''),
+    md("""
+By hand: the group's mean and standard deviation, and the advantages $(r_i - \\text{mean}) /
+\\text{std}$, against `util.group_advantages`. (With `grpo_rm_weight > 0` the loop adds the reward
+model's score to each reward; it is 0 here unless set.) Then the GRPO loss of this group with
+`util.grpo_loss` at iteration 0: the policy is the one that sampled and also the reference, so every
+ratio is 1 and every KL 0, and the loss is $-\\text{mean}_i \\hat A_i = 0$. Its gradient is not 0:
+it raises the log-probabilities of the answers above the group's mean and lowers the others."""),
+    code('''mean, std = rewards.mean(), rewards.std()           # std with n - 1, torch's default
+by_hand = (rewards - mean) / (std + 1e-4)           # + 1e-4 (the helper's eps): all equal gives 0
+print(f"group mean {mean:.3f}, std {std:.3f}")
+print("advantages by hand:        ", [round(a, 4) for a in by_hand.tolist()])
+print("util.group_advantages:     ", [round(a, 4) for a in adv.tolist()])
+assert torch.allclose(by_hand, adv)
+attn = torch.cat([prompt_mask, mask.long()], 1)
+with torch.no_grad():                                # the policy that sampled: old log-probs
+    old_logprobs, _ = util.response_logprobs(sft, qr, attn, lq, cfg.temperature)
+ref_logprobs = old_logprobs                          # the reference is the same SFT model here
+logprobs, _ = util.response_logprobs(sft, qr, attn, lq, cfg.temperature)   # with gradient
+loss, kl, ratio = util.grpo_loss(logprobs, old_logprobs, ref_logprobs, adv.to(device), mask,
+                                 cfg.cliprange, cfg.grpo_kl_coef)
+on = mask.bool()
+grads = torch.autograd.grad(loss, [p for p in sft.parameters() if p.requires_grad])
+print(f"ratio on the answer tokens: {ratio[on].min():.4f} .. {ratio[on].max():.4f}   "
+      f"KL: {kl[on].abs().max():.1e}")
+print(f"GRPO loss: {loss:.1e}   mean advantage: {adv.mean():.1e}   "
+      f"gradient norm: {torch.cat([g.flatten() for g in grads]).norm():.4f}")
+tol = 1e-5 if util.resolve_precision(cfg, device) == "fp32" else 1e-2   # bf16 / fp16 round
+assert (ratio[on] - 1).abs().max() < tol and kl[on].abs().max() < tol
+assert abs(float(loss.detach() + adv.mean())) < tol      # loss = -mean advantage at ratio 1
+del sft, grads, logprobs
+util.free_memory()'''),
     code('''print(f"{cfg.grpo_iterations} iterations x {cfg.grpo_prompts} prompts x {cfg.grpo_group_size} answers; "
       f"KL coef {cfg.grpo_kl_coef}, format weight {cfg.grpo_format_weight}, RM weight {cfg.grpo_rm_weight}, LoRA rank {cfg.lora_r}")
 t0 = time.time()
@@ -618,7 +679,6 @@ print(f"GRPO wall time: {grpo_seconds:.0f} s")'''),
 pd.DataFrame(history)[cols].iloc[::max(1, len(history) // 10)].round(3)'''),
     md("## The gold metric on held-out prompts, next to SFT"),
     code('''import json
-tok = util.load_tokenizer(cfg.path("actor"))
 evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
 util.set_seed(cfg.seed)
 rm = util.load_score_model(cfg.path("critic"), device=device, cfg=cfg)
