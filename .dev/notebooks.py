@@ -665,7 +665,7 @@ print(f"GRPO loss: {loss:.1e}   mean advantage: {adv.mean():.1e}   "
 tol = 1e-5 if util.resolve_precision(cfg, device) == "fp32" else 1e-2   # bf16 / fp16 round
 assert (ratio[on] - 1).abs().max() < tol and kl[on].abs().max() < tol
 assert abs(float(loss.detach() + adv.mean())) < tol      # loss = -mean advantage at ratio 1
-del sft, grads, logprobs
+del sft, grads, logprobs, loss, kl, ratio             # the graph too: training loads its own actor
 util.free_memory()'''),
     code('''print(f"{cfg.grpo_iterations} iterations x {cfg.grpo_prompts} prompts x {cfg.grpo_group_size} answers; "
       f"KL coef {cfg.grpo_kl_coef}, format weight {cfg.grpo_format_weight}, RM weight {cfg.grpo_rm_weight}, LoRA rank {cfg.lora_r}")
