@@ -203,17 +203,52 @@ evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
 model = util.load_causal_lm(cfg.path("base_actor"), stage="0_download.ipynb", device=device, cfg=cfg)
 util.check_tokenizer_matches(tok, model)
 print(f"{len(train)} training demos, {len(evalset)} held-out prompts")'''),
-    md("What the model sees for one example: every token, and its label (`-100` = no loss)."),
-    code('''ids, labels = util.sft_example(tok, train[0]["prompt"], train[0]["response"], cfg.max_prompt_tokens, cfg.max_response_tokens)
-pd.DataFrame({"token": tok.convert_ids_to_tokens(ids), "label": labels}).T'''),
+    md("""
+## One step by hand
+
+The loss of one batch of 4 training rows, built by the helpers the loop uses
+(`util.row_examples`, `util.right_pad_batch`) and scored by the model before any training.
+The table shows one row from 3 prompt tokens before its answer to its first pads: the `label` is
+`-100` (no loss) on the prompt and on the pads, and the token's own id on the answer, EOS included;
+`log p(label)` is the log-probability the model gives that token, predicted from the position
+before it."""),
+    code('''import math
+import torch
+batch = util.right_pad_batch(util.row_examples(tok, train[:4], cfg), tok.pad_token_id)
+ids, mask, labels = (t.to(device) for t in batch)
+with torch.no_grad():
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()   # all positions, full vocab
+logp = torch.log_softmax(logits[:, :-1], dim=-1)     # the logits at position t predict token t + 1
+target = labels[:, 1:]
+counts = target != -100                              # the label positions: the loss is their mean
+logp_label = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]   # -100: any index, then NaN
+logp_label = logp_label.masked_fill(~counts, float("nan"))
+print("batch:", tuple(ids.shape), "  answer tokens per row:", counts.sum(1).tolist())
+i = int(mask.sum(1).argmin())                        # the shortest row: it ends in pads
+table = pd.DataFrame({"token": tok.convert_ids_to_tokens(ids[i, 1:].tolist()),
+                      "label": target[i].tolist(), "log p(label)": logp_label[i].tolist(),
+                      "in the loss": counts[i].tolist()},
+                     index=pd.RangeIndex(1, ids.shape[1], name="position"))
+answer_starts, n = int(counts[i].nonzero()[0]) + 1, int(mask[i].sum())
+table.loc[answer_starts - 3:n + 1]                   # 3 prompt tokens, the answer, 2 pads'''),
+    md("The loss by hand, `-mean(log p(label))` over the label positions, against "
+       "`util.sft_loss`, the function `train_sft` calls on every batch (it runs the LM head at "
+       "those positions only)."),
+    code('''by_hand = -logp_label[counts].mean()
+with torch.no_grad():
+    helper = util.sft_loss(model, batch, device)
+print(f"SFT loss by hand: {by_hand:.6f}   util.sft_loss: {helper:.6f}   (a uniform guess over "
+      f"the {len(tok)} tokens: log {len(tok)} = {math.log(len(tok)):.3f})")
+rtol = 1e-5 if util.resolve_precision(cfg, device) == "fp32" else 2e-2   # bf16 / fp16 logits round
+assert torch.isclose(by_hand, helper.float(), rtol=rtol), (by_hand, helper)'''),
     md("Stopping this cell (the stop button, Ctrl-C) keeps `model/actor/` as it was; to train again, re-run from "
        "the cell that loads the model."),
     code('''t0 = time.time()
 history = util.train_sft(model, tok, train, evalset, cfg, device)
 sft_seconds = time.time() - t0
 print(f"SFT wall time: {sft_seconds:.0f} s")'''),
-    code('''import math
-util.plot_history(history, "epoch", [["train_loss", "eval_loss"]], "SFT loss (response tokens)")
+    code('''util.plot_history(history, "epoch", [["train_loss", "eval_loss"]],
+                  "SFT loss (response tokens)")
 print(f"held-out loss {history[-1]['eval_loss']:.3f}, perplexity {math.exp(history[-1]['eval_loss']):.2f}")'''),
     md("""
 ## Does it write correct SQL?
@@ -279,6 +314,51 @@ print("last-token index, right padding:", util.last_token_index(mask_r).tolist()
 with torch.no_grad():
     print("scores right:", util.reward_scores(rm, ids_r.to(device), mask_r.to(device)).tolist())
     print("scores left: ", util.reward_scores(rm, ids_l.to(device), mask_l.to(device)).tolist())'''),
+    md("""
+## One step by hand
+
+One real training row, batched as the loop batches it (`util.ranking_examples`,
+`util.ranking_batch`: the prompt once, left-padded, its answers right-padded) and scored by
+`util.shared_prompt_scores`. The head gives a score at every answer token; the reward is the one at
+the last real token, the EOS (`util.last_token_index`), marked ◀ below. `mistake` marks the rejected
+answer's tokens from the first one that departs from the chosen answer (`util.mistake_positions`):
+the prefix loss ranks each score there below the chosen answer's reward too."""),
+    code('''import torch.nn.functional as F
+row = next(r for r in train if r["family"] == "compare")
+print(row["prompt"])
+batch = util.ranking_batch(util.ranking_examples(tok, [row], cfg), tok.pad_token_id)
+prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in batch)
+with torch.no_grad():                                # (answers, tokens): a score at every token
+    per_token = util.shared_prompt_scores(rm, prompt_ids, prompt_mask, ids, mask, owner)
+end = util.last_token_index(mask)                    # each answer's EOS
+after = util.mistake_positions(ids[c], ids[r], mask[c], mask[r])
+table = {}
+for name, j in (("chosen", int(c[0])), ("rejected", int(r[0]))):
+    n = int(mask[j].sum())
+    table[name] = pd.Series(tok.convert_ids_to_tokens(ids[j, :n].tolist()))
+    table[f"{name} score"] = pd.Series([f"{v:.3f}" + (" ◀" if t == end[j] else "")
+                                        for t, v in enumerate(per_token[j, :n].tolist())])
+n = int(mask[r[0]].sum())
+table["mistake"] = pd.Series(["✗" if a else "" for a in after[0, :n].tolist()])
+pd.DataFrame(table).fillna("")'''),
+    md("The loss by hand: $-\\log\\sigma(r_c - r_r)$ with the rewards read at the EOS, against "
+       "`util.pairwise_loss`; then the prefix term by hand, and their sum against "
+       "`util.reward_loss`, the function `train_reward` calls on every batch."),
+    code('''s = per_token[torch.arange(len(ids)), end]   # each answer's reward, read at its EOS
+rc, rr = s[c], s[r]
+by_hand = -F.logsigmoid(rc - rr).mean()
+prefix = (-F.logsigmoid(rc[:, None] - per_token[r]) * after).sum() / after.sum()   # mistakes
+with torch.no_grad():
+    helper = util.pairwise_loss(rc, rr)
+    loop, _, _ = util.reward_loss(rm, prompt_ids, prompt_mask, ids, mask, owner, c, r,
+                                  cfg.rm_prefix_weight)
+w = cfg.rm_prefix_weight
+print(f"r(chosen) = {rc[0]:.4f}   r(rejected) = {rr[0]:.4f}")
+print(f"pairwise loss by hand: {by_hand:.6f}   util.pairwise_loss: {helper:.6f}")
+print(f"with the prefix term by hand: {by_hand:.6f} + {w} x {prefix:.6f} = "
+      f"{by_hand + w * prefix:.6f}   util.reward_loss: {loop:.6f}")
+assert torch.isclose(by_hand, helper, rtol=1e-6)
+assert torch.isclose(by_hand + w * prefix, loop, rtol=1e-4), (by_hand + w * prefix, loop)'''),
     md("Stopping this cell keeps `model/critic/` as it was; to train again, re-run from the cell that loads the model."),
     code('''t0 = time.time()
 history = util.train_reward(rm, tok, train, evalset, cfg, device)
@@ -456,6 +536,50 @@ evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
 actor = util.add_lora(util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
 ref = None if cfg.lora_r else util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
 print(f"{len(train)} preference pairs; beta={cfg.dpo_beta}, loss={cfg.dpo_loss}, LoRA rank={cfg.lora_r}")'''),
+    md("""
+## One step by hand
+
+A batch of 4 pairs (the loop draws `dpo_batch_size` at random; here the first 4 rows).
+`util.pair_batch` puts the 4 chosen answers, then the 4 rejected ones, in one SFT-style batch;
+`util.answer_logprobs` sums each answer's token log-probs, under the policy and under the reference.
+At the start the policy *is* the reference (the SFT model), so every implicit reward
+$\\beta(\\log\\pi - \\log\\pi_{\\text{ref}})$ in the table is 0."""),
+    code('''import math
+import torch
+import torch.nn.functional as F
+pairs, beta = train[:4], cfg.dpo_beta
+k = len(pairs)
+ids, mask, labels = (t.to(device) for t in util.pair_batch(tok, pairs, cfg))
+with torch.no_grad():
+    logp = util.answer_logprobs(actor, ids, mask, labels)             # log pi(y | x), 8 answers
+    with util.reference_model(actor, ref) as r:
+        ref_logp = util.answer_logprobs(r, ids, mask, labels)         # log pi_ref(y | x)
+print(f"policy vs reference: largest |log-prob difference| {(logp - ref_logp).abs().max():.1e}")
+assert torch.allclose(logp, ref_logp, atol=1e-4)
+reward = beta * (logp - ref_logp)                    # the implicit rewards, chosen then rejected
+h = (logp[:k] - ref_logp[:k]) - (logp[k:] - ref_logp[k:])
+pd.DataFrame({"chosen": [p["chosen"] for p in pairs], "rejected": [p["rejected"] for p in pairs],
+              "log π(y_c)": logp[:k].tolist(), "log π_ref(y_c)": ref_logp[:k].tolist(),
+              "log π(y_r)": logp[k:].tolist(), "log π_ref(y_r)": ref_logp[k:].tolist(),
+              "r̂(y_c)": reward[:k].tolist(), "r̂(y_r)": reward[k:].tolist(), "h": h.tolist()})'''),
+    md("""
+The DPO loss by hand, $-\\log\\sigma(\\beta h)$ averaged over the pairs, against
+`util.dpo_loss` (what `train_dpo` calls), and the IPO variant $(h - \\tfrac{1}{2\\beta})^2$.
+At the start $h = 0$ for every pair, so the DPO loss is $-\\log\\sigma(0) = \\log 2$ whatever the
+data: the policy prefers nothing the reference does not. Its gradient is not 0:
+$\\partial\\mathcal{L}/\\partial h = -\\beta\\,\\sigma(-\\beta h) = -\\beta/2$, so the first step
+pushes $\\log\\pi(y_c)$ up and $\\log\\pi(y_r)$ down. IPO starts at $(1/(2\\beta))^2$ and pulls
+$h$ towards $1/(2\\beta)$."""),
+    code('''by_hand = -F.logsigmoid(beta * h).mean()
+loss, rc, rr = util.dpo_loss(logp[:k], logp[k:], ref_logp[:k], ref_logp[k:], beta, "sigmoid")
+ipo_by_hand = ((h - 1 / (2 * beta)) ** 2).mean()
+ipo, _, _ = util.dpo_loss(logp[:k], logp[k:], ref_logp[:k], ref_logp[k:], beta, "ipo")
+print(f"DPO loss by hand: {by_hand:.6f}   util.dpo_loss: {loss:.6f}   log 2 = {math.log(2):.6f}")
+print(f"IPO loss by hand: {ipo_by_hand:.4f}   util.dpo_loss(..., 'ipo'): {ipo:.4f}   "
+      f"(1/(2 beta))^2 = {1 / (2 * beta) ** 2:.4f}")
+print(f"the loop uses dpo_loss={cfg.dpo_loss!r}, beta={beta}")
+assert torch.isclose(by_hand, loss) and torch.isclose(ipo_by_hand, ipo)
+assert torch.allclose(rc, reward[:k]) and torch.allclose(rr, reward[k:])'''),
     code('''t0 = time.time()
 history = util.train_dpo(actor, ref, tok, train, evalset, cfg, device)
 dpo_seconds = time.time() - t0
@@ -516,6 +640,67 @@ The KL to the SFT reference is a term in the **loss** (with the k3 estimator, al
 Note what this changes: with the execution reward, training optimises the gold metric itself (on *training*
 prompts); the evaluation below stays on held-out prompts. There is no proxy to over-optimise, which is why
 verifiable rewards are popular — where they exist.""") + [
+    md("""
+## One step by hand: one group
+
+One prompt, $G$ = `grpo_group_size` answers sampled from the SFT actor with the loop's own
+sampler (`util.generate`, at the loop's temperature), each cut at its first EOS
+(`util.response_mask`), rewarded in sqlite (`util.exec_rewards`, `util.format_rewards`), then given
+its group-relative advantage (`util.group_advantages`): the steps of `util.grpo_iteration`, for one
+of its prompts. The prompt is from the `compare` family, where the SFT actor is right about half the
+time. Look at the `advantage` column: positive above the group's mean reward, negative below; a
+group whose answers all get the same reward has std 0 and gives every answer 0, no signal."""),
+    code('''import torch
+tok = util.load_tokenizer(cfg.path("actor"))
+train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
+sft = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)    # the policy at iteration 0
+row = next(r for r in train if r["family"] == "compare")
+print(row["prompt"], "\\ngold:", row["chosen"])
+group = [row] * cfg.grpo_group_size                  # one prompt, G times, as in grpo_iteration
+util.set_seed(cfg.seed)
+qr, prompt_mask, lq = util.generate(sft, tok, [r["prompt"] for r in group], cfg)
+responses = qr[:, lq:]
+mask = util.response_mask(responses, tok.eos_token_id).float()   # 1 up to the first EOS, included
+_, has_eos = util.first_eos_index(responses, tok.eos_token_id)
+texts = util.decode_responses(tok, responses)
+acc = util.exec_rewards(group, texts)
+fmt = util.format_rewards(group, texts, has_eos.tolist())
+rewards = torch.tensor(acc) + cfg.grpo_format_weight * torch.tensor(fmt)
+adv = util.group_advantages(rewards, cfg.grpo_group_size)
+pd.DataFrame({"answer": texts, "tokens": mask.sum(1).int().tolist(), "EOS": has_eos.tolist(),
+              "exec": acc, "format": fmt, "reward": rewards.tolist(),
+              "advantage": adv.tolist()})'''),
+    md("""
+By hand: the group's mean and standard deviation, and the advantages $(r_i - \\text{mean}) /
+\\text{std}$, against `util.group_advantages`. (With `grpo_rm_weight > 0` the loop adds the reward
+model's score to each reward; it is 0 here unless set.) Then the GRPO loss of this group with
+`util.grpo_loss` at iteration 0: the policy is the one that sampled and also the reference, so every
+ratio is 1 and every KL 0, and the loss is $-\\text{mean}_i \\hat A_i = 0$. Its gradient is not 0:
+it raises the log-probabilities of the answers above the group's mean and lowers the others."""),
+    code('''mean, std = rewards.mean(), rewards.std()           # std with n - 1, torch's default
+by_hand = (rewards - mean) / (std + 1e-4)           # + 1e-4 (the helper's eps): all equal gives 0
+print(f"group mean {mean:.3f}, std {std:.3f}")
+print("advantages by hand:        ", [round(a, 4) for a in by_hand.tolist()])
+print("util.group_advantages:     ", [round(a, 4) for a in adv.tolist()])
+assert torch.allclose(by_hand, adv)
+attn = torch.cat([prompt_mask, mask.long()], 1)
+with torch.no_grad():                                # the policy that sampled: old log-probs
+    old_logprobs, _ = util.response_logprobs(sft, qr, attn, lq, cfg.temperature)
+ref_logprobs = old_logprobs                          # the reference is the same SFT model here
+logprobs, _ = util.response_logprobs(sft, qr, attn, lq, cfg.temperature)   # with gradient
+loss, kl, ratio = util.grpo_loss(logprobs, old_logprobs, ref_logprobs, adv.to(device), mask,
+                                 cfg.cliprange, cfg.grpo_kl_coef)
+on = mask.bool()
+grads = torch.autograd.grad(loss, [p for p in sft.parameters() if p.requires_grad])
+print(f"ratio on the answer tokens: {ratio[on].min():.4f} .. {ratio[on].max():.4f}   "
+      f"KL: {kl[on].abs().max():.1e}")
+print(f"GRPO loss: {loss:.1e}   mean advantage: {adv.mean():.1e}   "
+      f"gradient norm: {torch.cat([g.flatten() for g in grads]).norm():.4f}")
+tol = 1e-5 if util.resolve_precision(cfg, device) == "fp32" else 1e-2   # bf16 / fp16 round
+assert (ratio[on] - 1).abs().max() < tol and kl[on].abs().max() < tol
+assert abs(float(loss.detach() + adv.mean())) < tol      # loss = -mean advantage at ratio 1
+del sft, grads, logprobs, loss, kl, ratio             # the graph too: training loads its own actor
+util.free_memory()'''),
     code('''print(f"{cfg.grpo_iterations} iterations x {cfg.grpo_prompts} prompts x {cfg.grpo_group_size} answers; "
       f"KL coef {cfg.grpo_kl_coef}, format weight {cfg.grpo_format_weight}, RM weight {cfg.grpo_rm_weight}, LoRA rank {cfg.lora_r}")
 t0 = time.time()
@@ -528,7 +713,6 @@ print(f"GRPO wall time: {grpo_seconds:.0f} s")'''),
 pd.DataFrame(history)[cols].iloc[::max(1, len(history) // 10)].round(3)'''),
     md("## The gold metric on held-out prompts, next to SFT"),
     code('''import json
-tok = util.load_tokenizer(cfg.path("actor"))
 evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
 util.set_seed(cfg.seed)
 rm = util.load_score_model(cfg.path("critic"), device=device, cfg=cfg)
