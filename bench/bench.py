@@ -399,7 +399,7 @@ def w_ppo_trl(spec, seed, work, start: Path) -> dict:
 # What the same arithmetic costs as a bare PyTorch loop: batches tokenised and padded before the clock starts, then
 # forward, loss, backward, clip, AdamW step, and nothing else (no checks, no logging, no held-out curve, no data
 # preparation). No eager PyTorch implementation of the same arithmetic on this machine can be faster than its floor
-# (torch.compile did not help here: README), so TRL's time / floor is the highest speed-up over TRL that is possible
+# (torch.compile did not help here: bench/README.md), so TRL's time / floor is the highest speed-up over TRL that is possible
 # without changing the work.
 
 
@@ -931,7 +931,7 @@ def evaluate_targets(res: dict) -> dict:
     return t
 
 
-# What could not be made identical (listed next to the table in results.md and the README).
+# What could not be made identical (listed next to the table in results.md and bench/README.md).
 NOT_IDENTICAL = [
     "PPO: TRL's PPOTrainer clips no gradients; ours clips the actor's and the critic's at norm 1.0 each.",
     "PPO: TRL adds the RM score on the token after the EOS (when there is room), ours on the EOS itself.",
@@ -1065,7 +1065,7 @@ def write_markdown(res: dict, path: Path) -> str:
                   "tokenised and padded before the clock starts; then forward, loss, backward, clip, AdamW step and "
                   "nothing else: no checks, logging, held-out curve or data preparation; `w_*_floor` in "
                   "bench/bench.py). No eager PyTorch implementation of that arithmetic can beat its floor on this "
-                  "machine (and torch.compile did not make the SFT steps faster here: see the README), so TRL's time "
+                  "machine (and torch.compile did not make the SFT steps faster here: see bench/README.md), so TRL's time "
                   "/ floor is the highest speed-up over TRL possible without changing the work.", "",
                   "| stage | floor (arithmetic) | floor | ours | TRL | ours / floor | TRL / floor = highest possible "
                   "speed-up | target |", "|---|---|---|---|---|---|---|---|"]
@@ -1161,8 +1161,8 @@ def plot(res: dict, path: Path) -> None:
 
 
 def update_readme(md: str) -> None:
-    """Replace the block between the bench markers in README.md with the new table."""
-    readme = ROOT / "README.md"
+    """Replace the block between the bench markers in bench/README.md with the new table."""
+    readme = ROOT / "bench" / "README.md"
     text = readme.read_text()
     a, b = "<!-- bench:start -->", "<!-- bench:end -->"
     if a in text and b in text:
