@@ -2183,6 +2183,21 @@ def plot_history(history: list[dict], x: str, panels: list[list[str]], title: st
     return fig
 
 
+
+def show_source(fn) -> None:
+    """Show a function's source as it runs: a highlighted code block in a notebook, plain text elsewhere."""
+    import inspect
+    src = inspect.getsource(fn)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:     # a notebook kernel (or IPython shell)
+        display(Markdown(f"```python\n{src}```"))
+    else:
+        print(src)
+
 # ============================================================================ CLI
 
 STAGES = {"sft": "actor", "rm": "critic", "ppo": "rlhf", "dpo": "dpo", "grpo": "grpo"}

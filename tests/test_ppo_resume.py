@@ -1,5 +1,6 @@
-"""A PPO checkpoint resumes only under the settings it was made with."""
+"""A PPO checkpoint resumes only under the settings it was made with; util.show_source shows what runs."""
 import dataclasses
+import inspect
 import json
 import shutil
 
@@ -51,3 +52,16 @@ def test_what_resumes_and_what_does_not(micro_dirs, rows, tmp_path, capsys):
     assert util.load_ppo_state(path, cfg, rows) is None
     assert "does not record its settings: starting PPO afresh" in capsys.readouterr().out
 
+
+def test_show_source_shows_the_function_that_runs(capsys, monkeypatch):
+    want = inspect.getsource(util.ppo_iteration)
+    util.show_source(util.ppo_iteration)                  # no notebook kernel here: plain text
+    assert capsys.readouterr().out == want + "\n"
+    import IPython
+    import IPython.display
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())          # as in a notebook
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    util.show_source(util.ppo_iteration)
+    assert len(shown) == 1 and shown[0].data == f"```python\n{want}```"
+    assert capsys.readouterr().out == ""
