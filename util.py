@@ -1660,7 +1660,7 @@ def ppo_advantages(ro: Rollout, cfg: Config, kl_coef: float) -> tuple:
     import torch
     kl = kl_per_token(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * ro.mask
     scores = ro.scores
-    if cfg.whiten_rewards:              # scale only: the sign of a score must survive
+    if cfg.whiten_rewards:              # unit spread batch to batch; the mean score is kept
         scores = masked_whiten(scores, torch.ones_like(scores), shift_mean=False)
     rewards = place_rewards(scores, kl, ro.mask, ro.end_index, kl_coef)
     advantages, returns = gae_advantages(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
