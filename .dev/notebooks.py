@@ -361,14 +361,18 @@ pd.DataFrame({"question": question, "answer": ro.texts, "RM score": ro.scores.to
 `util.ppo_advantages` is step 2 of the loop: the per-token KL (`util.kl_per_token`), the rewards
 (`util.place_rewards`: $-\beta\,\mathrm{KL}_t$ on every answer token, plus the RM score on the EOS
 token only), GAE (`util.gae_advantages`) and the whitening of the advantages (`util.masked_whiten`).
-One answer, one row per token. Before any update the actor *is* the reference, so the KL is 0 on
-every token and the only reward is the score on the last row; the values are the critic's guesses of
-that score, and the advantage says how much better than guessed each token turned out."""),
+One answer (the least likely of those that end with EOS), one row per token. Before any update the
+actor *is* the reference, so the KL is 0 on every token and the only reward is the score on the last
+row; the values are the critic's guesses of what is to come, and the advantage says how much better
+than guessed each token turned out. Whitening is over all the batch's answer tokens: an answer that
+did better than the critic guessed but worse than the batch's other answers ends up with negative
+whitened advantages."""),
     code('''kl, rewards, advantages, returns = util.ppo_advantages(ro, cfg, cfg.kl_coef)
-i = int(ro.has_eos.float().argmax())     # the first answer that ends with EOS (0 if none does)
+# the least likely answer among those that end with EOS: its tokens show the most
+i = int(torch.where(ro.has_eos, -ro.logprobs.sum(1), -float("inf")).argmax())
 n = int(ro.mask[i].sum())                # its tokens, up to and including the EOS
 tokens = tok.convert_ids_to_tokens(ro.query_responses[i, ro.context_length:][:n].tolist())
-row = lambda x: (x[i, :n] + 0.0).tolist()      # + 0.0 turns -0.0 into 0.0
+row = lambda x: x[i, :n].tolist()
 table = pd.DataFrame({"token": tokens, "log-prob": row(ro.logprobs),
                       "ref log-prob": row(ro.ref_logprobs), "KL": row(kl), "reward": row(rewards),
                       "value": row(ro.values),
@@ -377,7 +381,8 @@ table = pd.DataFrame({"token": tokens, "log-prob": row(ro.logprobs),
 print(f"answer {i}: {ro.texts[i]!r}\\nreward on its last token {tokens[-1]!r}: RM score "
       f"{float(ro.scores[i]):.3f} - kl_coef * KL {cfg.kl_coef * float(kl[i, n - 1]):.3f} "
       f"= {float(rewards[i, n - 1]):.3f}")
-table.round(4)'''),
+table[table.columns[1:]] = table[table.columns[1:]].round(4) + 0.0   # + 0.0: no -0.0
+table'''),
     md(r"""
 ### GAE, checked against its definition
 
@@ -397,9 +402,10 @@ for b in range(len(r)):                          # each answer
             delta = r[b][l] + cfg.gamma * v_next - v[b][l]  # better than the critic guessed?
             a += (cfg.gamma * cfg.lam) ** (l - t) * delta  # later surprises count less
         by_hand[b, t] = a
-diff = float((gae - by_hand).abs().max())
-print(f"util.gae_advantages against the double loop: max |difference| = {diff:.1e}")
-assert diff < 1e-5
+diff, scale = float((gae - by_hand).abs().max()), max(1.0, float(gae.abs().max()))
+print(f"util.gae_advantages against the double loop: max |difference| = {diff:.1e} "
+      f"(advantages up to {scale:.1f})")
+assert diff < 1e-5 * scale                      # float32 holds about 7 significant digits
 assert torch.allclose(util.masked_whiten(gae, ro.mask), advantages)  # the loss: it, whitened'''),
     md(r"""
 ### 3. The losses on one minibatch, and an update
@@ -424,11 +430,25 @@ print(f"pg_loss {round(pg, 4) + 0.0:.4f}: the clipped surrogate, -advantage * ra
     md("""
 Now one optimizer step on this minibatch, with `util.ppo_update` itself (one epoch, one minibatch),
 then the same losses again: the ratio has left 1. Then more steps, as many as `ppo_update` takes on
-each rollout (`ppo_epochs` × rollout / minibatch): the ratio drifts further, the clip fraction
-(`util.minibatch_stats`) counts the tokens whose ratio is past $1 \\pm \\epsilon$ (there the clipped
-term takes over and their gradient stops), and the KL to the reference grows from 0."""),
+each rollout (`ppo_epochs` × rollout / minibatch), and what to watch in them:
+
+* `clipfrac` (`util.minibatch_stats`): the share of tokens whose ratio is past $1 \\pm \\epsilon$.
+  Where it is past in the direction the token's advantage pushes, the clipped term takes over and
+  the token's gradient is 0. The ratio can still move on (the other tokens' gradients share the
+  weights, and Adam keeps its momentum): the clip removes the incentive, it is not a wall.
+* `vf_clipfrac`: the same for the critic. A value that has moved `cliprange_value` from its rollout
+  value, towards its return, stops learning from this rollout, so `vf_loss` can stall within one
+  rollout when the critic starts far from the returns.
+* the KL from the reference, exact (summed over the whole vocabulary at each answer position, then
+  over the answer): 0 before the first step, then growing. (The per-token KL of step 2, log-prob
+  minus reference log-prob at the sampled token, estimates it only on answers the current policy
+  sampled; on these answers, sampled before the update, it can even turn negative.)"""),
     code('''one_step = dataclasses.replace(cfg, ppo_epochs=1, ppo_minibatch_size=len(batch))
 n_steps = cfg.ppo_epochs * -(-cfg.rollout_batch_size // cfg.ppo_minibatch_size)   # per rollout
+with util.reference_model(models["actor"], models["ref"]) as ref:   # the frozen SFT policy
+    _, ref_logits = util.response_logprobs(ref, ro.query_responses, ro.attention_mask,
+                                           ro.context_length)
+ref_logp = torch.log_softmax(ref_logits.float() / cfg.temperature, -1)
 steps = []
 for step in range(1, n_steps + 1):
     models["actor"].train(), models["critic"].train()        # as ppo_iteration does (dropout is 0)
@@ -438,16 +458,17 @@ for step in range(1, n_steps + 1):
     with torch.no_grad():
         out = util.ppo_losses(models["actor"], models["critic"], ro, mb, advantages, returns, cfg)
         stats = util.minibatch_stats(out, ro, mb, cfg)
-    kl_now = util.kl_per_token(out["logprobs"], ro.ref_logprobs, cfg.kl_estimator) * ro.mask
+        logp = torch.log_softmax(out["logits"].float() / cfg.temperature, -1)
+        kl_exact = (logp.exp() * (logp - ref_logp)).sum(-1) * ro.mask    # per answer position
     steps.append({"step": step, "max |ratio - 1|": float((out["ratio"] - 1).abs()[mask].max()),
-                  "clipfrac": float(stats["clipfrac"]), "pg_loss": float(stats["pg_loss"]),
-                  "vf_loss": float(stats["vf_loss"]),
-                  "KL to ref (nats / answer)": float(kl_now.sum(1).mean())})
+                  **{k: float(stats[k]) for k in ("clipfrac", "pg_loss", "vf_clipfrac", "vf_loss")},
+                  "KL from ref, exact (nats / answer)": float(kl_exact.sum(1).mean())})
     if step == 1:
         print("after one step, the ratio over the answer tokens:")
         print(pd.Series(out["ratio"][mask].tolist()).describe().round(4).to_string())
 pd.DataFrame(steps).round(5)'''),
-    code('''del models, opts, ro, out                # the full run below loads its own models
+    code('''# the full run below loads its own models: these go, and their memory with them
+del models, opts, ro, out, ref_logits, ref_logp, logp
 util.free_memory()'''),
     md("""
 ## The loop
