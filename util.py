@@ -1501,8 +1501,8 @@ def kl_per_token(logprobs, ref_logprobs, estimator: str = "k1"):
 
 
 def place_rewards(scores, kl, mask, end_index, kl_coef: float):
-    """Per-token rewards: -kl_coef * KL on every answer token, plus the RM score on the EOS token only
-    (not on a pad after it, and not spread over the answer)."""
+    """Per-token rewards: -kl_coef * KL on every answer token, plus the RM score on the EOS token
+    only (not on a pad after it, and not spread over the answer)."""
     import torch
     rewards = -kl_coef * kl * mask
     rewards[torch.arange(len(scores), device=scores.device), end_index] += scores
@@ -1510,7 +1510,7 @@ def place_rewards(scores, kl, mask, end_index, kl_coef: float):
 
 
 def gae_advantages(rewards, values, mask, gamma: float, lam: float):
-    """Generalised advantage estimation, backwards over the answer; nothing flows in from after EOS."""
+    """Generalised advantage estimation, backwards over the answer; nothing flows in after EOS."""
     import torch
     rewards, values = rewards * mask, values * mask
     last, adv = 0.0, []
@@ -1537,11 +1537,11 @@ class Rollout:
     scores: object               # [B] RM score, minus the penalty when there is no EOS
     has_eos: object
     texts: list
-    gold: list                   # execution match of each answer (never used for training: it is the gold metric)
+    gold: list                   # execution match of each answer (gold metric, never trained on)
 
 
 def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None = None) -> Rollout:
-    """Sample answers with the policy, then score them with the reference, critic and reward model."""
+    """Sample answers with the policy, then score them with the reference, critic and RM."""
     import torch
     t0 = time.time()
     qr, prompt_mask, lq = generate(actor, tok, [r["prompt"] for r in rows], cfg)
@@ -1554,21 +1554,24 @@ def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None
         logprobs, _ = response_logprobs(actor, qr, attn, lq, cfg.temperature)
         with reference_model(actor, ref) as r:
             ref_logprobs, _ = response_logprobs(r, qr, attn, lq, cfg.temperature)
-        values = token_scores(critic, qr, attn)[:, lq - 1:-1]      # value before token t sits at position t-1
-        scores = reward_scores(rm, qr, attn)                       # read at the EOS token (attention mask ends there)
-    scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)  # an answer that never stops is penalised
+        values = token_scores(critic, qr, attn)[:, lq - 1:-1]   # value before token t sits at t-1
+        scores = reward_scores(rm, qr, attn)        # read at the EOS, where the attention mask ends
+    # an answer that never stops is penalised
+    scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
     texts = decode_responses(tok, responses)
-    gold = [execution_match(r["setup_sql"], r["chosen"], a) if "setup_sql" in r else None for r, a in zip(rows, texts)]
+    gold = [execution_match(r["setup_sql"], r["chosen"], a) if "setup_sql" in r else None
+            for r, a in zip(rows, texts)]
     if timings is not None:
         timings["generate"] = timings.get("generate", 0) + t1 - t0
         timings["score"] = timings.get("score", 0) + time.time() - t1
-    return Rollout(qr, attn, lq, mask.float(), end, logprobs * mask, ref_logprobs * mask, values * mask,
-                   scores, has_eos, texts, gold)
+    return Rollout(qr, attn, lq, mask.float(), end, logprobs * mask, ref_logprobs * mask,
+                   values * mask, scores, has_eos, texts, gold)
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
-    """PPO's clipped surrogate, token-mean: (loss, ratio). The ratio pi/pi_old may move at most 1 +- cliprange
-    in the direction the advantage rewards; past that the clipped term is the larger loss and its gradient is 0."""
+    """PPO's clipped surrogate, token-mean: (loss, ratio). The ratio pi/pi_old may move at most
+    1 +- cliprange in the direction the advantage rewards; past that the clipped term is the larger
+    loss and its gradient is 0."""
     import torch
     ratio = torch.exp((logprobs - old_logprobs) * mask)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
@@ -1576,83 +1579,116 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
 
 
 def ppo_value_loss(values, old_values, returns, mask, cliprange_value: float):
-    """The critic's clipped squared error, token-mean, halved: a new value may move at most cliprange_value
-    from the rollout's value before its error stops counting for it (the larger of the two errors is kept)."""
+    """The critic's clipped squared error, token-mean, halved: a new value may move at most
+    cliprange_value from the rollout's value before its error stops counting for it (the larger of
+    the two errors is kept)."""
     import torch
     clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
+def ppo_losses(actor, critic, ro: Rollout, idx, advantages, returns, cfg: Config) -> dict:
+    """Policy and value losses of the rollout's answers idx under the actor and critic as they are
+    now, with what they are made of: pg_loss, vf_loss, ratio, logprobs, logits, values."""
+    m, qr, attn = ro.mask[idx], ro.query_responses[idx], ro.attention_mask[idx]
+    logprobs, logits = response_logprobs(actor, qr, attn, ro.context_length, cfg.temperature)
+    values = token_scores(critic, qr, attn)[:, ro.context_length - 1:-1]   # before token t: at t-1
+    # the ratio is taken against the rollout's log-probs (pi_old): they stay fixed over the epochs
+    pg_loss, ratio = ppo_policy_loss(logprobs, ro.logprobs[idx], advantages[idx], m, cfg.cliprange)
+    vf_loss = ppo_value_loss(values, ro.values[idx], returns[idx], m, cfg.cliprange_value)
+    return {"pg_loss": pg_loss, "vf_loss": vf_loss, "ratio": ratio, "logprobs": logprobs,
+            "logits": logits, "values": values}
+
+
+def minibatch_stats(out: dict, ro: Rollout, idx, cfg: Config) -> dict:
+    """What to watch while updating, token-means over the answers idx (0-dim tensors): the losses,
+    how often the clips act, the approximate KL to pi_old and the policy's entropy."""
+    import torch
+    m = ro.mask[idx]
+    with torch.no_grad():
+        p = torch.softmax(out["logits"].float() / cfg.temperature, -1)
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+        log_ratio = (out["logprobs"] - ro.logprobs[idx]) * m
+        per_token = {"clipfrac": ((out["ratio"] - 1).abs() > cfg.cliprange).float(),
+                     "vf_clipfrac": ((out["values"] - ro.values[idx]).abs()
+                                     > cfg.cliprange_value).float(),
+                     "approx_kl": 0.5 * log_ratio ** 2, "entropy": entropy}
+        return {"pg_loss": out["pg_loss"], "vf_loss": out["vf_loss"],
+                **{k: masked_mean(v, m) for k, v in per_token.items()}}
+
+
 def ppo_update(actor, critic, opt_actor, opt_critic, ro: Rollout, advantages, returns, cfg: Config,
                scaler=None) -> dict:
-    """Several epochs of clipped PPO over minibatches of one rollout; returns averaged statistics."""
+    """ppo_epochs passes of clipped PPO over shuffled minibatches of a rollout; mean statistics."""
     import torch
-    names = ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")
-    stats = {k: [] for k in names}
-    first = None                                # the ratio on the first minibatch, before any update
-    B = len(ro.scores)
-    for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(B)
-        for start in range(0, B, cfg.ppo_minibatch_size):
+    stats, first = [], 0.0          # first: max |ratio - 1| on the first minibatch, before any step
+    for epoch in range(cfg.ppo_epochs):     # several passes on a rollout: the clip keeps them safe
+        perm = torch.randperm(len(ro.scores))
+        for start in range(0, len(perm), cfg.ppo_minibatch_size):
             mb = perm[start:start + cfg.ppo_minibatch_size]
             n_tokens = ro.mask[mb].sum()
             opt_actor.zero_grad(set_to_none=True)
             opt_critic.zero_grad(set_to_none=True)
-            sums = dict.fromkeys(names, 0.0)
-            for part in micro_batches(mb.tolist(), cfg):
+            sums = {}
+            for part in micro_batches(mb.tolist(), cfg):    # gradients add up over micro-batches
                 part = torch.tensor(part)
-                m, qr, attn = ro.mask[part], ro.query_responses[part], ro.attention_mask[part]
-                new_logprobs, logits = response_logprobs(actor, qr, attn, ro.context_length, cfg.temperature)
-                vpred = token_scores(critic, qr, attn)[:, ro.context_length - 1:-1]
-                pg_loss, ratio = ppo_policy_loss(new_logprobs, ro.logprobs[part], advantages[part], m,
-                                                 cfg.cliprange)
-                vf_loss = ppo_value_loss(vpred, ro.values[part], returns[part], m, cfg.cliprange_value)
-                share = m.sum() / n_tokens          # token-means over micro-batches add up to the minibatch's
-                loss = (pg_loss + cfg.vf_coef * vf_loss) * share
+                out = ppo_losses(actor, critic, ro, part, advantages, returns, cfg)
+                share = ro.mask[part].sum() / n_tokens      # token-means add up to the minibatch's
+                loss = (out["pg_loss"] + cfg.vf_coef * out["vf_loss"]) * share
                 check_finite(loss, "PPO loss", f"epoch {epoch}")
                 backward(loss, scaler)
                 with torch.no_grad():
-                    if epoch == 0 and start == 0:
-                        dev = float(((ratio - 1).abs() * m).max())
-                        first = max(first or 0.0, dev)
-                    p = torch.softmax(logits.float() / cfg.temperature, -1)
-                    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
-                    log_ratio = (new_logprobs - ro.logprobs[part]) * m
-                    for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss),
-                                 ("clipfrac", ((ratio - 1).abs() > cfg.cliprange).float()),
-                                 ("vf_clipfrac", ((vpred - ro.values[part]).abs() > cfg.cliprange_value).float()),
-                                 ("approx_kl", 0.5 * log_ratio ** 2), ("entropy", entropy)):
-                        sums[k] += float((v if v.dim() == 0 else masked_mean(v, m)) * share)
-            optimizer_step([(opt_actor, actor), (opt_critic, critic)], cfg, scaler, "PPO", f"epoch {epoch}")
-            for k in names:
-                stats[k].append(sums[k])
-    out = {k: sum(v) / len(v) for k, v in stats.items()}
+                    if epoch == 0 and start == 0:           # no step yet: pi is pi_old, ratio 1
+                        dev = float(((out["ratio"] - 1).abs() * ro.mask[part]).max())
+                        first = max(first, dev)
+                    for k, v in minibatch_stats(out, ro, part, cfg).items():
+                        sums[k] = sums.get(k, 0.0) + float(v * share)
+            optimizer_step([(opt_actor, actor), (opt_critic, critic)], cfg, scaler, "PPO",
+                           f"epoch {epoch}")
+            stats.append(sums)
+    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
     out["ratio_first_minibatch_max_dev"] = first      # max |ratio - 1| before any update: must be 0
     return out
 
 
-def adaptive_kl(kl_coef: float, kl: float, target: float, batch: int, horizon: int = 10000) -> float:
-    """Ziegler et al.'s controller: nudge the coefficient so the measured KL approaches the target."""
+def adaptive_kl(kl_coef: float, kl: float, target: float, batch: int, horizon: int = 10000):
+    """Ziegler et al.'s controller: nudge the coefficient so the measured KL nears the target."""
     err = min(max(kl / target - 1, -0.2), 0.2)
     return kl_coef * (1 + err * batch / horizon)
 
 
-def ppo_iteration(models: dict, opts: dict, tok, rows, cfg: Config, kl_coef: float) -> dict:
-    """One PPO iteration: rollout, rewards, GAE, whitening, clipped updates; returns its log record."""
+def ppo_advantages(ro: Rollout, cfg: Config, kl_coef: float) -> tuple:
+    """(kl, rewards, advantages, returns) of a rollout: per-token KL to the reference, rewards (the
+    KL penalty on every answer token, the RM score on the EOS), GAE advantages whitened over the
+    answer tokens, and the returns the critic learns."""
     import torch
-    timings = {}
-    ro = rollout(models["actor"], models["ref"], models["critic"], models["rm"], tok, rows, cfg, timings)
-    t0 = time.time()
     kl = kl_per_token(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * ro.mask
-    scores = masked_whiten(ro.scores, torch.ones_like(ro.scores), shift_mean=False) if cfg.whiten_rewards else ro.scores
+    scores = ro.scores
+    if cfg.whiten_rewards:              # unit spread batch to batch; the mean score is kept
+        scores = masked_whiten(scores, torch.ones_like(scores), shift_mean=False)
     rewards = place_rewards(scores, kl, ro.mask, ro.end_index, kl_coef)
     advantages, returns = gae_advantages(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, ro.mask)          # whitened over real answer tokens only
-    models["actor"].train(), models["critic"].train()         # dropout is 0: train() changes nothing numerically
-    stats = ppo_update(models["actor"], models["critic"], opts["actor"], opts["critic"], ro, advantages, returns, cfg,
+    advantages = masked_whiten(advantages, ro.mask)          # over real answer tokens only
+    return kl, rewards, advantages, returns
+
+
+def ppo_iteration(models: dict, opts: dict, tok, rows, cfg: Config, kl_coef: float) -> dict:
+    """One PPO iteration: rollout, rewards, GAE, whitening, clipped updates; its log record."""
+    actor, critic, timings = models["actor"], models["critic"], {}
+    # 1. rollout: sample answers; then, without gradients, log-probs of actor and reference,
+    #    the critic's values and the RM's scores
+    ro = rollout(actor, models["ref"], critic, models["rm"], tok, rows, cfg, timings)
+    t0 = time.time()
+    # 2. rewards (-kl_coef * KL on every answer token, the RM score on the EOS), then GAE:
+    #    advantages (whitened) for the actor, returns for the critic
+    kl, rewards, advantages, returns = ppo_advantages(ro, cfg, kl_coef)
+    # 3. ppo_epochs passes of clipped minibatch updates on this one rollout, actor and critic
+    actor.train(), critic.train()       # dropout is 0: train() changes nothing numerically
+    stats = ppo_update(actor, critic, opts["actor"], opts["critic"], ro, advantages, returns, cfg,
                        opts.get("scaler"))
-    models["actor"].eval(), models["critic"].eval()
+    actor.eval(), critic.eval()
     timings["train"] = time.time() - t0
+    # 4. the log record: the proxy (RM score), the gold metric (never trained on), the KL it cost
     gold = [g for g in ro.gold if g is not None]
     return {"rm_score": float(ro.scores.mean()), "gold_acc": sum(gold) / max(len(gold), 1),
             "kl": float(kl.sum(1).mean()), "kl_coef": kl_coef,
@@ -1662,9 +1698,10 @@ def ppo_iteration(models: dict, opts: dict, tok, rows, cfg: Config, kl_coef: flo
 
 
 def optimizer_to_tensors(opt, prefix: str) -> tuple[dict, dict]:
-    """(tensors, json-able meta) of an optimizer's state, so it can go into safetensors instead of a pickle."""
+    """(tensors, json-able meta) of an optimizer's state: safetensors instead of a pickle."""
     sd = opt.state_dict()
-    tensors = {f"{prefix}.{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    tensors = {f"{prefix}.{i}.{k}": v.contiguous()
+               for i, st in sd["state"].items() for k, v in st.items()}
     return tensors, {"param_groups": sd["param_groups"], "keys": sorted(tensors)}
 
 
@@ -1678,14 +1715,14 @@ def optimizer_from_tensors(opt, tensors: dict, meta: dict, prefix: str) -> None:
 
 
 def save_ppo_checkpoint(path, models, opts, tok, state: dict) -> None:
-    """Actor (top level), critic/, optimizer states (safetensors) and state.json, swapped in atomically."""
+    """Actor (top level), critic/, optimizer states (safetensors), state.json; one atomic swap."""
     from safetensors.torch import save_file
     quiet_hf()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     actor = models["actor"]
-    if hasattr(actor, "disable_adapter"):      # LoRA: the adapters alone (to resume), and merged weights (for 4_test)
+    if hasattr(actor, "disable_adapter"):   # LoRA: adapters (to resume), merged weights (4_test)
         actor.save_pretrained(tmp / "adapter")
         import copy
         actor = copy.deepcopy(actor).merge_and_unload()
@@ -1695,31 +1732,65 @@ def save_ppo_checkpoint(path, models, opts, tok, state: dict) -> None:
     ta, ma = optimizer_to_tensors(opts["actor"], "actor")
     tc, mc = optimizer_to_tensors(opts["critic"], "critic")
     save_file({**ta, **tc}, str(tmp / "optimizer.safetensors"))
-    Path(tmp, "state.json").write_text(json.dumps({**state, "optimizer": {"actor": ma, "critic": mc}}, indent=1))
+    full = {**state, "optimizer": {"actor": ma, "critic": mc}}
+    Path(tmp, "state.json").write_text(json.dumps(full, indent=1))
     Path(tmp, "metrics.json").write_text(json.dumps(state.get("history", []), indent=1))
     _swap_dir(tmp, path)
 
 
 def inputs_fingerprint(cfg: Config) -> list:
-    """Size and modification time of the SFT and RM weights: a checkpoint made from other models is stale."""
+    """Size and modification time of the SFT and RM weights: a checkpoint of others is stale."""
     files = sorted(p for d in ("actor", "critic") for p in cfg.path(d).glob("*.safetensors"))
     return [[p.parent.name, p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def load_ppo_state(path, cfg: Config) -> dict | None:
-    """The state.json of a PPO checkpoint made with the same preset from the same SFT and RM, else None."""
+def prompts_digest(rows) -> str:
+    """A short hash of the PPO prompts, in order: a checkpoint made on other prompts is stale."""
+    import hashlib
+    return hashlib.sha256("\n".join(r["prompt"] for r in rows).encode()).hexdigest()[:16]
+
+
+# Config fields a PPO checkpoint resumes across, as they do not change what PPO computes: where
+# files go, how often it saves, the run's length (a larger ppo_iterations continues a run), the
+# memory layout (micro-batches, gradient checkpointing: the same sums), evaluation, and the other
+# stages' knobs (they reach PPO through the SFT and RM weights, which inputs_fingerprint checks)
+PPO_RESUME_IGNORES = ("out_dir", "data_dir", "tokenizer_dir", "save_every", "ppo_iterations",
+                      "micro_batch_size", "gradient_checkpointing", "n_eval", "eval_batch_size")
+OTHER_STAGES = ("sft_", "rm_", "dpo_", "grpo_")
+
+
+def ppo_settings(cfg: Config) -> dict:
+    """The Config fields that shape a PPO run: a checkpoint resumes only if all of them agree."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in PPO_RESUME_IGNORES and not k.startswith(OTHER_STAGES)}
+
+
+def settings_changes(old: dict, new: dict) -> list[str]:
+    """'field old -> new' for each setting that differs between a checkpoint and this run."""
+    return [f"{k} {old[k] if k in old else '(not recorded)'} -> {v}" for k, v in new.items()
+            if k not in old or old[k] != v]
+
+
+def load_ppo_state(path, cfg: Config, rows=None) -> dict | None:
+    """The state.json of a PPO checkpoint made with the same settings from the same SFT and RM
+    (and prompts: rows as train_ppo fits them), else None after printing why."""
     recover_dir(path)
     f = Path(path, "state.json")
     if not f.exists():
         return None
     state = json.loads(f.read_text())
-    if state.get("preset") != cfg.preset or state.get("inputs") != inputs_fingerprint(cfg):
-        print(f"{path} holds a PPO run of other models (SFT or RM retrained since): starting PPO afresh")
-        return None
-    if state.get("lora_r", 0) != cfg.lora_r:
-        print(f"{path} holds a PPO run with LoRA rank {state.get('lora_r', 0)}, not {cfg.lora_r}: starting PPO afresh")
-        return None
-    return state
+    if "settings" not in state:
+        why = f"the checkpoint in {path} is from an older util.py: it does not record its settings"
+    elif changes := settings_changes(state["settings"], ppo_settings(cfg)):
+        why = ", ".join(changes)        # a changed knob is a new experiment, never a silent resume
+    elif state.get("inputs") != inputs_fingerprint(cfg):
+        why = f"{path} holds a PPO run of other models (SFT or RM retrained since)"
+    elif rows is not None and state.get("prompts") != prompts_digest(rows):
+        why = f"{path} holds a PPO run on other prompts (the data changed)"
+    else:
+        return state
+    print(f"{why}: starting PPO afresh (the checkpoint in {path} is replaced at its first save)")
+    return None
 
 
 def kept_checkpoint(path) -> str:
@@ -1729,69 +1800,92 @@ def kept_checkpoint(path) -> str:
     if not f.exists():
         return f"No PPO checkpoint was saved yet in {path}: re-running starts PPO afresh."
     it = json.loads(f.read_text())["iteration"]
-    return f"{path} holds the checkpoint of iteration {it}, intact: re-run this cell to resume from it."
+    return (f"{path} holds the checkpoint of iteration {it}, intact: re-run this cell to resume "
+            f"from it.")
 
 
 def one_process_only(stage: str) -> None:
-    """PPO and GRPO sample their own batches: N processes would each run the whole loop and write the same
-    folder, so refuse before anything is loaded or written."""
+    """PPO and GRPO sample their own batches: N processes would each run the whole loop and write
+    the same folder, so refuse before anything is loaded or written."""
     n = accelerator().num_processes
     if n > 1:
-        raise RuntimeError(f"{stage} runs in one process: its rollouts are not split over processes, and this "
-                           f"run was started with {n} (torchrun / accelerate launch). Start it as "
-                           f"`python util.py {stage.lower()} ...`; SFT, the reward model and DPO do use N processes.")
+        raise RuntimeError(f"{stage} runs in one process: its rollouts are not split over "
+                           f"processes, and this run was started with {n} (torchrun / accelerate "
+                           f"launch). Start it as `python util.py {stage.lower()} ...`; SFT, the "
+                           f"reward model and DPO do use N processes.")
 
 
-def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> list[dict]:
-    """The PPO loop with periodic atomic checkpoints; re-running resumes from the last one."""
-    import torch
+def load_ppo_models(cfg: Config, device, state: dict | None = None) -> tuple:
+    """(tok, models, opts) as PPO starts: actor and critic from SFT and RM, or from the checkpoint
+    `state` describes (optimizer states too); frozen reference (SFT) and RM; AdamW for both."""
     from safetensors.torch import load_file
-    one_process_only("PPO")
     out = cfg.path("rlhf")
     tok = load_tokenizer(_require(cfg.path("actor")))
     _require(cfg.path("critic"))
-    rows = rows if rows is not None else load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
-    rows = fit_rows(tok, rows, cfg, (), "PPO prompts")
-    state = load_ppo_state(out, cfg)
-    if cfg.lora_r > 0:                          # LoRA: SFT weights + adapters (the checkpoint's when resuming)
+    if cfg.lora_r > 0:                  # LoRA: SFT weights + adapters (the checkpoint's on resume)
         from peft import PeftModel
         sft = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
-        actor = PeftModel.from_pretrained(sft, out / "adapter", is_trainable=True) if state else add_lora(sft, cfg)
+        actor = (PeftModel.from_pretrained(sft, out / "adapter", is_trainable=True) if state
+                 else add_lora(sft, cfg))
     else:
         actor = load_causal_lm(out if state else cfg.path("actor"), device=device, cfg=cfg)
-    models = {"actor": actor,
+    models = {"actor": actor,           # the reference is the SFT model, frozen: the KL leash
               "ref": None if cfg.lora_r > 0 else
               load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False),
-              "critic": load_score_model(out / "critic" if state else cfg.path("critic"), device=device, cfg=cfg),
-              "rm": load_score_model(cfg.path("critic"), device=device, cfg=cfg).requires_grad_(False)}
+              # the critic starts from the RM: it already reads answers and scores them
+              "critic": load_score_model(out / "critic" if state else cfg.path("critic"),
+                                         device=device, cfg=cfg),
+              "rm": load_score_model(cfg.path("critic"), device=device,
+                                     cfg=cfg).requires_grad_(False)}
     for m in models.values():
-        if m is not None:                       # ref is None with LoRA (the actor with adapters off)
+        if m is not None:               # ref is None with LoRA (the actor with adapters off)
             check_tokenizer_matches(tok, m, cfg)
     opts = {"actor": make_optimizer(models["actor"], cfg.ppo_lr, 1, warmup=0)[0],
             "critic": make_optimizer(models["critic"], cfg.ppo_vf_lr, 1, warmup=0)[0],
             "scaler": grad_scaler(cfg, device)}
-    history, kl_coef, start = [], cfg.kl_coef, 0
-    if state:
+    if state:                           # Adam's moments too, or the first resumed steps differ
         tensors = load_file(str(out / "optimizer.safetensors"))
         for k in ("actor", "critic"):
             optimizer_from_tensors(opts[k], tensors, state["optimizer"][k], k)
+    return tok, models, opts
+
+
+def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> list[dict]:
+    """The PPO loop with periodic atomic checkpoints; a re-run with the same settings resumes."""
+    import torch
+    one_process_only("PPO")
+    out = cfg.path("rlhf")
+    tok = load_tokenizer(_require(cfg.path("actor")))
+    _require(cfg.path("critic"))
+    if rows is None:
+        rows = load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
+    rows = fit_rows(tok, rows, cfg, (), "PPO prompts")
+    state = load_ppo_state(out, cfg, rows)
+    tok, models, opts = load_ppo_models(cfg, device, state)
+    history, kl_coef, start = [], cfg.kl_coef, 0
+    if state:
         history, kl_coef, start = state["history"], state["kl_coef"], state["iteration"]
-        print(f"resuming PPO from iteration {start} (checkpoint in {out}; delete that folder to start over)")
+        print(f"resuming PPO from iteration {start}: same settings and inputs (checkpoint in "
+              f"{out}; delete that folder to start over)")
     end = cfg.ppo_iterations if stop_after is None else min(cfg.ppo_iterations, start + stop_after)
     bar = progress(range(start, end), desc="PPO", initial=start, total=cfg.ppo_iterations)
-    # the models in memory are dropped on a stop: only the checkpoint on disk counts, and a re-run reloads it
-    with stop_cleanly("PPO", cfg, ("rollout_batch_size", "ppo_minibatch_size"), lambda: kept_checkpoint(out)):
+    run = {"settings": ppo_settings(cfg), "inputs": inputs_fingerprint(cfg),
+           "prompts": prompts_digest(rows)}
+    # on a stop the models in memory are dropped: the checkpoint on disk counts, a re-run resumes it
+    with stop_cleanly("PPO", cfg, ("rollout_batch_size", "ppo_minibatch_size"),
+                      lambda: kept_checkpoint(out)):
         for it in bar:
-            set_seed(cfg.seed * 100_003 + it)                  # each iteration is reproducible, resumed or not
+            set_seed(cfg.seed * 100_003 + it)       # each iteration is reproducible, resumed or not
             batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.rollout_batch_size].tolist()]
             rec = {"iteration": it + 1, **ppo_iteration(models, opts, tok, batch, cfg, kl_coef)}
             history.append(rec)
             if cfg.kl_target > 0:
                 kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size)
-            bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.2f}", refresh=False)
+            bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}",
+                            kl=f"{rec['kl']:.2f}", refresh=False)
             if (it + 1) % cfg.save_every == 0 or it + 1 == end:
-                save_ppo_checkpoint(out, models, opts, tok, {"preset": cfg.preset, "inputs": inputs_fingerprint(cfg),
-                                                             "lora_r": cfg.lora_r, "iteration": it + 1, "kl_coef": kl_coef, "history": history})
+                state = {**run, "iteration": it + 1, "kl_coef": kl_coef, "history": history}
+                save_ppo_checkpoint(out, models, opts, tok, state)
     return history
 
 
@@ -2092,6 +2186,21 @@ def plot_history(history: list[dict], x: str, panels: list[list[str]], title: st
         fig.savefig(path, dpi=110)
     return fig
 
+
+
+def show_source(fn) -> None:
+    """Show a function's source as it runs: a highlighted code block in a notebook, plain text elsewhere."""
+    import inspect
+    src = inspect.getsource(fn)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:     # a notebook kernel (or IPython shell)
+        display(Markdown(f"```python\n{src}```"))
+    else:
+        print(src)
 
 # ============================================================================ CLI
 
