@@ -1579,7 +1579,7 @@ def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) ->
             b = right_pad_batch(examples[i:i + batch_size], pad_id)
             k = int((b[2][:, 1:] != -100).sum())
             tot, n = tot + float(sft_loss(model, b, device)) * k, n + k
-    return tot / max(n, 1)
+    return tot / n if n else float("nan")      # no held-out answers: no loss to show, not 0
 
 
 def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 25) -> list[dict]:
@@ -1587,8 +1587,12 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
     200 eval rows, n_logs times)."""
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
-    train_rows = fit_rows(tok, train_rows, cfg, ("response",), "SFT training rows")
-    eval_rows = fit_rows(tok, eval_rows[:200], cfg, ("response",), "SFT held-out rows")
+    train_rows = fit_rows(tok, demonstrations(train_rows, "SFT training rows"), cfg, ("response",),
+                          "SFT training rows")
+    eval_rows = fit_rows(tok, demonstrations(eval_rows[:200], "SFT held-out rows"), cfg,
+                         ("response",), "SFT held-out rows")
+    print(f"SFT: {len(train_rows)} training rows used, {len(eval_rows)} held-out rows for the "
+          "loss curve")
     ex, ev = row_examples(tok, train_rows, cfg), row_examples(tok, eval_rows, cfg)
     plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
@@ -1783,9 +1787,14 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
     """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up to 200 pairs)."""
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
-    train_rows = fit_rows(tok, train_rows, cfg, ("chosen", "rejected"), "reward-model training pairs",
+    pair = ("chosen", "rejected")
+    train_rows = fit_rows(tok, with_fields(train_rows, pair, "reward-model training pairs"), cfg,
+                          pair, "reward-model training pairs",
                           more_rejected=cfg.rm_max_rejected - 1)
-    curve_rows = fit_rows(tok, eval_rows[:200], cfg, ("chosen", "rejected"), "reward-model held-out pairs")
+    curve_rows = fit_rows(tok, with_fields(eval_rows[:200], pair, "reward-model held-out pairs"),
+                          cfg, pair, "reward-model held-out pairs")
+    print(f"reward model: {len(train_rows)} training pairs used, {len(curve_rows)} held-out pairs "
+          "for the curve")
     if cfg.rm_freeze_backbone:                  # train the head only (cheap, less overfitting, weaker)
         for p in getattr(model, model.base_model_prefix).parameters():
             p.requires_grad_(False)
@@ -1818,7 +1827,7 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
             if step % log_every == 0 or step == len(plan):
                 c, r = score_pairs(model, tok, curve_rows, cfg, device)
                 rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),
-                       "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c)}
+                       "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c) if c else float("nan")}
                 history.append(rec)
                 run = []
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}", refresh=False)
@@ -2016,7 +2025,7 @@ def ppo_iteration(models: dict, opts: dict, tok, rows, cfg: Config, kl_coef: flo
                        opts.get("scaler"))
     models["actor"].eval(), models["critic"].eval()
     timings["train"] = time.time() - t0
-    gold = [g for g in ro.gold if g is not None]
+    gold = [g for g in ro.gold if g is not None] or [math.nan]    # no setup_sql: no verdict, not 0
     return {"rm_score": float(ro.scores.mean()), "gold_acc": sum(gold) / max(len(gold), 1),
             "kl": float(kl.sum(1).mean()), "kl_coef": kl_coef,
             "non_score_reward": float((-kl_coef * kl).sum(1).mean()),
@@ -2192,6 +2201,8 @@ def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoi
 def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int = 64) -> dict:
     """Implicit-reward accuracy and margin on held-out pairs, no gradient."""
     import torch
+    if not rows:                                # no held-out pairs: nothing measured (not 0)
+        return {"eval_reward_acc": float("nan"), "eval_margin": float("nan")}
     acc, margin = [], []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
@@ -2213,7 +2224,12 @@ def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_log
     import torch
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
-    train_rows = fit_rows(tok, train_rows, cfg, ("chosen", "rejected"), "DPO training pairs")
+    pair = ("chosen", "rejected")
+    train_rows = fit_rows(tok, with_fields(train_rows, pair, "DPO training pairs"), cfg, pair,
+                          "DPO training pairs")
+    eval_rows = with_fields(eval_rows[:200], pair, "DPO held-out pairs")
+    print(f"DPO: {len(train_rows)} training pairs used, {len(eval_rows)} held-out pairs for the "
+          "curve")
     plan = batches(len(train_rows), cfg.dpo_batch_size, cfg.dpo_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.dpo_lr, len(plan))
@@ -2261,14 +2277,17 @@ def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_log
 
 def exec_rewards(rows, texts) -> list[float]:
     """Verifiable reward: 1 when the answer's result in sqlite equals the gold query's result, else 0."""
-    return [float(execution_match(r["setup_sql"], r["chosen"], t)) for r, t in zip(rows, texts)]
+    # a row without setup_sql gets 0: the same for its whole group, so GRPO takes no signal from it
+    return [float("setup_sql" in r and execution_match(r["setup_sql"], r["chosen"], t))
+            for r, t in zip(rows, texts)]
 
 
 def format_rewards(rows, texts, has_eos) -> list[float]:
     """Format reward: 1 for a single SELECT statement that sqlite runs without error and that ends with EOS."""
     out = []
     for r, t, eos in zip(rows, texts, has_eos):
-        ok = bool(eos) and t.strip().upper().startswith("SELECT") and ";" not in t
+        ok = (bool(eos) and "setup_sql" in r and t.strip().upper().startswith("SELECT")
+              and ";" not in t)
         out.append(float(ok and execute_sql(r["setup_sql"], t) is not None))
     return out
 
@@ -2343,18 +2362,39 @@ def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config, scaler=None) -> 
                 stats[k].append(v)
     actor.eval()
     zero_std = float((rewards.view(-1, cfg.grpo_group_size).std(1) == 0).float().mean())
+    checked = [i for i, r in enumerate(group) if "setup_sql" in r]    # where gold can be judged
+    acc, fmt = [acc[i] for i in checked] or [math.nan], [fmt[i] for i in checked] or [math.nan]
     return {"reward": float(rewards.mean()), "gold_acc": sum(acc) / len(acc), "format_rate": sum(fmt) / len(fmt),
             "groups_without_signal": zero_std, "length": float(mask.sum(1).mean()),
             "eos_rate": float(has_eos.float().mean()), **{k: sum(v) / len(v) for k, v in stats.items()},
             "time_generate_score": t1 - t0, "time_train": time.time() - t1, "sample": texts[0]}
 
 
+def check_grpo_reward(rows: list[dict], cfg: Config) -> None:
+    """Refuse GRPO when no answer can be rewarded: no setup_sql anywhere, the reward model off."""
+    n = sum("setup_sql" in r for r in rows)
+    if n == 0 and cfg.grpo_rm_weight <= 0:
+        raise ConfigError(
+            "GRPO has no reward for these prompts: none has 'setup_sql' (the tables an answer "
+            "is executed on), so no answer can be checked, and Config.grpo_rm_weight=0 leaves the "
+            "reward model out. Set grpo_rm_weight > 0 (e.g. 1.0) to reward the answers with the "
+            "reward model (train it first: 2_critic.ipynb or `python util.py rm`), or give the "
+            "rows setup_sql.")
+    if n < len(rows):
+        by = "the reward model only" if cfg.grpo_rm_weight > 0 else "nothing (set grpo_rm_weight)"
+        print(f"GRPO: {len(rows) - n} of {len(rows)} prompts have no 'setup_sql': execution and "
+              f"format rewards need it, so their answers are rewarded by {by}")
+
+
 def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
     """The GRPO loop from the SFT actor; returns (trained actor, history). Saving is the notebook's job."""
     import torch
     one_process_only("GRPO")
+    rows = rows if rows is not None else load_data(cfg, "prompt")
+    check_grpo_reward(rows, cfg)                # before anything is loaded: no reward, no learning
     tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
-    rows = rows if rows is not None else load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
+    rows = fit_rows(tok, rows, cfg, (), "GRPO prompts")     # counts (prints) the prompts to be cut
+    print(f"GRPO: {len(rows)} prompts, {cfg.grpo_prompts} per iteration")
     actor = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
     ref = None if cfg.lora_r > 0 else load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
     rm = (load_score_model(_require(cfg.path("critic"), "2_critic.ipynb"), device=device, cfg=cfg)
@@ -2377,7 +2417,7 @@ def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
 
 
 def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Execution accuracy greedy and sampled, RM score, KL to the reference, length and EOS rate on `rows`."""
+    """Execution accuracy greedy and sampled (rows with setup_sql), RM score, KL, length, EOS."""
     import torch
     prompts = [r["prompt"] for r in rows]
     greedy = sample_answers(model, tok, prompts, cfg, greedy=True, desc=f"{desc} greedy")
@@ -2399,25 +2439,49 @@ def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str 
                     kl = ((lp - rlp) * mask).sum(1).cpu()
                 score = reward_scores(rm, qr, attn).cpu() if rm is not None else torch.full((len(part),), float("nan"))
             for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
-                per_row.append({"prompt": r["prompt"], "family": r.get("family", "?"), "gold": r["chosen"].strip(),
+                # the gold metric needs the row's tables and gold SQL: else None, not a guess
+                judged = "setup_sql" in r and isinstance(r.get("chosen"), str)
+
+                def ok(answer):
+                    return execution_match(r["setup_sql"], r["chosen"], answer) if judged else None
+                per_row.append({"prompt": r["prompt"], "family": r.get("family", "?"),
+                                "gold": (r.get("chosen") or "").strip(),
                                 "greedy": greedy[i + j].strip(), "sampled": text.strip(),
-                                "greedy_ok": execution_match(r["setup_sql"], r["chosen"], greedy[i + j]),
-                                "sampled_ok": execution_match(r["setup_sql"], r["chosen"], text),
+                                "greedy_ok": ok(greedy[i + j]), "sampled_ok": ok(text),
                                 "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
                                 "eos": bool(has_eos[j])})
     n = len(per_row)
-    summary = {"exec_acc_greedy": sum(r["greedy_ok"] for r in per_row) / n,
-               "exec_acc_sampled": sum(r["sampled_ok"] for r in per_row) / n,
-               "rm_score": sum(r["rm_score"] for r in per_row) / n, "kl_to_sft": sum(r["kl"] for r in per_row) / n,
-               "length": sum(r["length"] for r in per_row) / n, "eos_rate": sum(r["eos"] for r in per_row) / n,
-               "n_prompts": n, "temperature": cfg.temperature}
+    judged = [r for r in per_row if r["greedy_ok"] is not None]
+    summary = {}
+    if judged:
+        summary["exec_acc_greedy"] = sum(r["greedy_ok"] for r in judged) / len(judged)
+        summary["exec_acc_sampled"] = sum(r["sampled_ok"] for r in judged) / len(judged)
+    summary.update({"rm_score": sum(r["rm_score"] for r in per_row) / n,
+                    "kl_to_sft": sum(r["kl"] for r in per_row) / n,
+                    "length": sum(r["length"] for r in per_row) / n,
+                    "eos_rate": sum(r["eos"] for r in per_row) / n,
+                    "n_prompts": n, "temperature": cfg.temperature})
+    if len(judged) < n:
+        summary["exec_acc_prompts"] = len(judged)
+        print(f"{desc}: execution accuracy on {len(judged)} of {n} prompts (others lack setup_sql)")
     return summary, per_row
 
 
+def no_gold_note(judged: int, n: int) -> str:
+    """What the evaluation leaves out, and why, when rows have no setup_sql."""
+    what = "not measured" if judged == 0 else f"measured on {judged} of {n} prompts only"
+    return (f"execution accuracy {what}: it needs 'setup_sql' (the tables the SQL runs on) and "
+            "'chosen' (the gold SQL) in the evaluation rows. Measured without them: RM score, KL "
+            "to SFT, win rate vs SFT (by the RM), length, EOS rate.")
+
+
 def per_family_accuracy(per_row: list[dict]) -> dict:
-    """Sampled and greedy execution accuracy per question family."""
+    """Sampled and greedy execution accuracy per question family (of the rows with a verdict)."""
     import pandas as pd
-    return pd.DataFrame(per_row).groupby("family")[["greedy_ok", "sampled_ok"]].mean().round(3).to_dict("index")
+    judged = pd.DataFrame([r for r in per_row if r["greedy_ok"] is not None])
+    if judged.empty:
+        return {}
+    return judged.groupby("family")[["greedy_ok", "sampled_ok"]].mean().round(3).to_dict("index")
 
 
 def win_rate(scores_a: list[float], scores_b: list[float]) -> float:
@@ -2433,6 +2497,76 @@ def write_json(obj, path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+# the models the report looks for: its name -> the folder under out_dir
+REPORT_MODELS = {"SFT": "actor", "RLHF (PPO)": "rlhf", "DPO": "dpo", "GRPO": "grpo"}
+
+
+def build_report(cfg: Config, device) -> tuple[dict, dict]:
+    """(report, per-row results) of each model present, as 4_test does; writes report.json."""
+    tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
+    evalset = load_data(cfg, "eval")
+    leakage, seen = {}, set()
+    for kind in ("sft", "pref", "prompt"):  # each training source once (by default one file)
+        if data_source(cfg, kind) not in seen:
+            seen.add(data_source(cfg, kind))
+            leakage[kind] = report_leakage(load_data(cfg, kind), evalset, DATA_SOURCES[kind][3])
+    has_rm = (cfg.path("critic") / "config.json").exists()
+    rm = load_score_model(cfg.path("critic"), device=device, cfg=cfg) if has_rm else None
+    ref = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
+    present = {k: d for k, d in REPORT_MODELS.items() if (cfg.path(d) / "config.json").exists()}
+    print("models found:", list(present))
+    results, rows = {}, {}
+    for name, d in present.items():
+        set_seed(cfg.seed)
+        model = load_causal_lm(cfg.path(d), device=device, cfg=cfg)
+        results[name], rows[name] = evaluate_policy(model, tok, evalset, cfg, rm=rm, ref=ref,
+                                                    desc=name)
+        del model
+        free_memory()                       # one evaluated model on the GPU at a time
+    for name in results:
+        if rm is not None:
+            results[name]["win_rate_vs_sft"] = win_rate([r["rm_score"] for r in rows[name]],
+                                                        [r["rm_score"] for r in rows["SFT"]])
+    not_measured = {}
+    judged = sum(r["greedy_ok"] is not None for r in rows["SFT"])
+    if judged < len(evalset):
+        not_measured["exec_acc"] = no_gold_note(judged, len(evalset))
+    if rm is None:
+        not_measured["rm_score"] = ("no reward model in critic/ (run 2_critic.ipynb or `python "
+                                    "util.py rm`), so no RM score and no win rate")
+    report = {"preset": cfg.preset, "n_eval_prompts": len(evalset), "temperature": cfg.temperature,
+              "models": results, "per_family": {n: per_family_accuracy(r) for n, r in rows.items()},
+              "data": {"eval": data_source(cfg, "eval"), "leaked_eval_prompts": leakage},
+              "not_measured": not_measured}
+    write_json(report, cfg.path("report.json"))
+    return report, rows
+
+
+def _json_safe(x):
+    """A copy every JSON reader accepts: NaN and inf become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_run_record(cfg: Config, stage: str, history: list[dict], data: dict | None = None):
+    """logs/<stage>.jsonl (the history), <stage>_config.json (the config), <stage>_data.json."""
+    logs = cfg.path("logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    tmp = logs / f"{stage}.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(_json_safe(rec)) + "\n" for rec in history))
+    os.replace(tmp, logs / f"{stage}.jsonl")
+    # the config loads back as it is: `python util.py <stage> --config logs/<stage>_config.json`
+    write_json(dataclasses.asdict(cfg), logs / f"{stage}_config.json")
+    if data is not None:
+        write_json(_json_safe(data), logs / f"{stage}_data.json")
+    return logs
 
 
 # ============================================================================ plotting
@@ -2459,6 +2593,8 @@ def plot_history(history: list[dict], x: str, panels: list[list[str]], title: st
 # ============================================================================ CLI
 
 STAGES = {"sft": "actor", "rm": "critic", "ppo": "rlhf", "dpo": "dpo", "grpo": "grpo"}
+# the kind of data (DATA_SOURCES) each stage trains on
+STAGE_DATA = {"sft": "sft", "rm": "pref", "ppo": "prompt", "dpo": "pref", "grpo": "prompt"}
 
 
 def load_config(path_or_dict=None, preset: str | None = None) -> Config:
@@ -2478,16 +2614,21 @@ def load_config(path_or_dict=None, preset: str | None = None) -> Config:
 
 
 def run_stage(stage: str, cfg: Config) -> dict:
-    """One stage without its notebook (train and save, no plots); returns the metrics it saved."""
+    """One stage without its notebook: train, save, leave its record in logs/; its last metrics."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: choose one of {sorted(STAGES)}")
+    check_config(cfg)                       # again: a field may have been set after it was made
     device = accelerator().device
     set_seed(cfg.seed)
-    train = load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
-    evalset = load_rows(Path(cfg.data_dir, "eval.json"), limit=cfg.n_eval)
+    kind = STAGE_DATA[stage]
+    train = load_data(cfg, kind)
+    evalset = load_data(cfg, "eval")
+    data = {kind: train.info, "eval": evalset.info,
+            "leaked_eval_prompts": report_leakage(train, evalset, DATA_SOURCES[kind][3])}
     t0 = time.time()
     if stage == "ppo":
         history = train_ppo(cfg, device, train)
-        return {"seconds": time.time() - t0, **{k: v for k, v in history[-1].items() if k != "sample"}}
-    if stage == "sft":
+    elif stage == "sft":
         if not (cfg.path("base_actor") / "config.json").exists() and accelerator().is_main_process:
             prepare_base_models(cfg)
         accelerator().wait_for_everyone()
@@ -2507,24 +2648,40 @@ def run_stage(stage: str, cfg: Config) -> dict:
         model = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
         ref = None if cfg.lora_r else load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
         history = train_dpo(model, ref, tok, train, evalset, cfg, device)
-    elif stage == "grpo":
+    else:
         tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
         model, history = train_grpo(cfg, device, train)
-    else:
-        raise ValueError(f"unknown stage {stage!r}: choose one of {sorted(STAGES)}")
-    metrics = {"preset": cfg.preset, "seconds": time.time() - t0, "history": history}
-    if accelerator().is_main_process:           # every process holds the same weights: one writes them
-        save_model(unwrap(model), tok, cfg.path(STAGES[stage]), metrics)
+    seconds = time.time() - t0
+    if accelerator().is_main_process:       # every process holds the same weights: one writes them
+        if stage != "ppo":                  # PPO wrote its checkpoint (and metrics.json) as it went
+            save_model(unwrap(model), tok, cfg.path(STAGES[stage]),
+                       {"preset": cfg.preset, "seconds": seconds, "history": history})
+        # the exact settings of this run, beside its outputs
+        write_json(dataclasses.asdict(cfg), cfg.path(STAGES[stage], "run_config.json"))
+        write_run_record(cfg, stage, history, {**data, "seconds": seconds})
     accelerator().wait_for_everyone()
-    return {"seconds": metrics["seconds"], **{k: v for k, v in history[-1].items() if k != "sample"}}
+    return {"seconds": seconds, **{k: v for k, v in history[-1].items() if k != "sample"}}
+
+
+def print_report(report: dict) -> None:
+    """The report's table of models and metrics, then what it left out and why."""
+    import pandas as pd
+    table = pd.DataFrame(report["models"]).T
+    table = table.drop(columns=["n_prompts", "temperature"], errors="ignore")
+    print(f"{report['n_eval_prompts']} evaluation prompts ({report['data']['eval']}), "
+          f"T={report['temperature']}")
+    print(table.round(3).to_string())
+    for metric, why in report["not_measured"].items():
+        print(f"not shown, {metric}: {why}")
 
 
 def main(argv=None) -> int:
-    """`python util.py make-dataset | make-tokenizer | stats`, or a stage without its notebook:
-    `python util.py sft|rm|ppo|dpo|grpo [--config file.json] [--preset NAME]` (also under `accelerate launch`)."""
+    """`python util.py make-dataset | make-tokenizer | stats`, a stage without its notebook or the
+    report: `python util.py sft|rm|ppo|dpo|grpo|report [--config file.json] [--preset NAME]`."""
     import argparse
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("command", choices=["make-dataset", "make-tokenizer", "stats", *STAGES])
+    ap.add_argument("command",
+                    choices=["make-dataset", "make-tokenizer", "stats", *STAGES, "report"])
     ap.add_argument("--config", help="JSON file of Config fields (see util.Config), e.g. {\"preset\": \"smoke\", \"lora_r\": 8}")
     ap.add_argument("--preset", help="preset to start from (overrides the file's); default RLHF_PRESET or auto")
     args = ap.parse_args(argv)
@@ -2532,10 +2689,16 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.preset)
         summary = run_stage(args.command, cfg)
         if accelerator().is_main_process:
+            rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
             resolved = cfg.path(STAGES[args.command], "run_config.json")
-            write_json(dataclasses.asdict(cfg), resolved)   # the exact settings of this run, beside its outputs
-            print(json.dumps({"stage": args.command, "processes": accelerator().num_processes, "config": str(resolved),
-                              **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}}))
+            print(json.dumps(_json_safe({"stage": args.command, "config": str(resolved),
+                                         "processes": accelerator().num_processes,
+                                         "logs": str(cfg.path("logs")), **rounded})))
+    elif args.command == "report":
+        cfg = load_config(args.config, args.preset)
+        report, _ = build_report(cfg, accelerator().device)
+        print_report(report)
+        print(f"wrote {cfg.path('report.json')}")
     elif args.command == "make-dataset":
         print(write_dataset())
     elif args.command == "make-tokenizer":
