@@ -730,6 +730,11 @@ def _chat_answer(messages: list[dict], prompt: list | None) -> str:
     """The answer part of a chat: what follows the prompt's messages; " hello" for one reply."""
     if prompt and messages[:len(prompt)] == prompt:
         messages = messages[len(prompt):]
+    if prompt is not None:
+        # a row with a prompt whose answer chats restate it (UltraFeedback: [user, assistant]):
+        # the answer is what the assistant says
+        while messages and _role(messages[0]) not in ASSISTANT_ROLES:
+            messages = messages[1:]
     if not messages:
         return ""
     if prompt is not None and _role(messages[0]) in ASSISTANT_ROLES:
@@ -785,7 +790,8 @@ def _as_row(rec, where: str, required, columns: dict) -> dict:
         values["prompt"] = chat_text(prompt) + (" Assistant:" if open_turn else "")
     for field in ("chosen", "rejected", "response"):
         if _is_messages(values.get(field)):
-            values[field] = _chat_answer(values[field], prompt if _is_messages(prompt) else None)
+            given = prompt if _is_messages(prompt) else [] if "prompt" in values else None
+            values[field] = _chat_answer(values[field], given)
     answers = [values.get("chosen"), values.get("rejected")]
     if "prompt" not in values and all(isinstance(a, str) for a in answers):
         parts = split_shared_prompt(*answers)
@@ -800,13 +806,13 @@ def _as_row(rec, where: str, required, columns: dict) -> dict:
         if not any(f in values for f in options):
             accepted = [a for f in options for a in [columns.get(f)] + FIELD_ALIASES[f] if a]
             raise DataError(f"{where}: field {' or '.join(map(repr, options))} is missing "
-                            f"(accepted names: {accepted}; this row has: {sorted(rec)}; "
-                            "Config.columns maps other names)")
+                            f"(accepted names: {accepted}; this row has: {sorted(rec)}): "
+                            "Config.columns maps other names to it")
     needed = {f for n in required for f in (n if isinstance(n, tuple) else (n,))}
     for field, value in values.items():
         if not isinstance(value, str):
-            raise DataError(f"{where}: field '{names.get(field, field)}' must be a string or a "
-                            f"chat (a list of role/content messages), got {type(value).__name__}")
+            raise DataError(f"{where}: field '{names.get(field, field)}' must be a string, got "
+                            f"{type(value).__name__} (or a chat: a list of role/content messages)")
         if field in needed and not value.strip():
             raise DataError(f"{where}: field '{names.get(field, field)}' is empty")
         row[field] = value
@@ -2462,7 +2468,7 @@ def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str 
                     "eos_rate": sum(r["eos"] for r in per_row) / n,
                     "n_prompts": n, "temperature": cfg.temperature})
     if len(judged) < n:
-        summary["exec_acc_prompts"] = len(judged)
+        summary["n_with_setup_sql"] = len(judged)
         print(f"{desc}: execution accuracy on {len(judged)} of {n} prompts (others lack setup_sql)")
     return summary, per_row
 
@@ -2667,7 +2673,10 @@ def print_report(report: dict) -> None:
     """The report's table of models and metrics, then what it left out and why."""
     import pandas as pd
     table = pd.DataFrame(report["models"]).T
-    table = table.drop(columns=["n_prompts", "temperature"], errors="ignore")
+    hidden = ["n_prompts", "temperature"]
+    if "exec_acc" in report["not_measured"]:    # the note below says it: no column of zeros
+        hidden.append("n_with_setup_sql")
+    table = table.drop(columns=hidden, errors="ignore")
     print(f"{report['n_eval_prompts']} evaluation prompts ({report['data']['eval']}), "
           f"T={report['temperature']}")
     print(table.round(3).to_string())

@@ -96,7 +96,7 @@ def test_evaluation_and_report_without_gold_show_what_needs_none(run, monkeypatc
     rm = util.load_score_model(cfg.path("critic"), cfg=cfg)
     evalset = util.load_data(cfg, "eval")
     summary, rows = util.evaluate_policy(model, tok, evalset, cfg, rm=rm, ref=model, desc="SFT")
-    assert "exec_acc_greedy" not in summary and summary["exec_acc_prompts"] == 0
+    assert "exec_acc_greedy" not in summary and summary["n_with_setup_sql"] == 0
     assert {"rm_score", "kl_to_sft", "length", "eos_rate"} <= set(summary)
     assert math.isfinite(summary["rm_score"]) and all(r["greedy_ok"] is None for r in rows)
     monkeypatch.setattr(util, "REPORT_MODELS", {"SFT": "actor", "DPO": "dpo"})    # two are enough
@@ -231,13 +231,15 @@ def test_chats_and_column_names(tmp_path):
                                                              ("assistant", "go away")))
     recs = [{"prompt": [user], "chosen": [yes], "rejected": [no]},      # TRL's explicit prompt
             {"chosen": [user, yes], "rejected": [user, no]},             # the prompt in each chat
+            # UltraFeedback: the prompt as text, and again in each chat
+            {"prompt": "Human: hi Assistant:", "chosen": [user, yes], "rejected": [user, no]},
             {"messages": [user, yes]}]                                   # an SFT chat
     f = tmp_path / "chat.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    a, b = util.load_rows(f, ("prompt", "chosen", "rejected"), limit=2)
+    pairs = util.load_rows(f, ("prompt", "chosen", "rejected"), limit=3)
     want = ("Human: hi Assistant:", " hello", " go away")
-    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in (a, b)] == [want, want]
-    sft = util.load_rows(f, ("prompt", ("response", "chosen")))[2]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in pairs] == [want] * 3
+    sft = util.load_rows(f, ("prompt", ("response", "chosen")))[3]
     assert (sft["prompt"], sft["response"]) == ("Human: hi Assistant:", " hello")
     g = tmp_path / "cols.jsonl"
     rec = {"instruction": "Human: q Assistant:", "good": " a", "bad": " b", "tables": "x"}
