@@ -33,6 +33,14 @@ class Config:
     micro_batch_size: int = 0                   # > 0: each optimizer batch runs in micro-batches of this size
     gradient_checkpointing: bool = False        # recompute activations in the backward pass: less memory, slower
     data_dir: str = str(ROOT / "dataset")
+    # data sources, "" = the shipped files (<data_dir>/train.json, eval.json). A source is a file
+    # (.json, .jsonl, .parquet; .txt = one prompt a line, for prompt_data and eval_data) or a hub
+    # dataset id ("hf:owner/name", or "owner/name" when no such file exists; ":split" after it)
+    sft_data: str = ""                          # demonstrations: prompt + response (or chosen)
+    pref_data: str = ""                         # pairs (prompt, chosen, rejected): RM and DPO
+    prompt_data: str = ""                       # prompts for PPO and GRPO
+    eval_data: str = ""                         # held-out rows: curves in training, the report
+    columns: dict = dataclasses.field(default_factory=dict)   # {our field: the source's column}
     out_dir: str = str(ROOT / "model")          # RLHF_OUT moves it (tests use a temp dir)
     tokenizer_dir: str = str(ROOT / "tokenizer")
     # models: tiny = a small OPT trained from scratch; opt = hub checkpoints (or local dirs laid out like them)
@@ -101,9 +109,113 @@ class Config:
     # evaluation
     eval_batch_size: int = 128
 
+    def __post_init__(self):
+        """Every Config is checked when made: get_config, load_config, dataclasses.replace."""
+        check_config(self)
+
     def path(self, *parts) -> Path:
         """A path under the output directory."""
         return Path(self.out_dir, *parts)
+
+
+class ConfigError(ValueError):
+    """A Config field of the wrong type, out of its range or not one of its names."""
+
+
+# allowed ranges, (text, test); a field not listed takes any value of its type
+_POSITIVE, _NON_NEGATIVE = ("> 0", lambda v: v > 0), (">= 0", lambda v: v >= 0)
+_AT_LEAST_1, _AT_LEAST_2 = (">= 1", lambda v: v >= 1), (">= 2", lambda v: v >= 2)
+_UNIT, _OPEN_UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1), ("in (0, 1)", lambda v: 0 < v < 1)
+CONFIG_RANGES = {
+    **dict.fromkeys(["seed", "micro_batch_size", "d_model", "n_layers", "n_heads", "n_train",
+                     "n_eval", "rm_prefix_weight", "kl_coef", "kl_target", "vf_coef",
+                     "missing_eos_penalty", "dpo_sft_weight", "grpo_kl_coef", "grpo_format_weight",
+                     "grpo_rm_weight", "lora_r"], _NON_NEGATIVE),
+    **dict.fromkeys(["sft_epochs", "rm_epochs", "dpo_epochs", "sft_lr", "rm_lr", "ppo_lr",
+                     "ppo_vf_lr", "dpo_lr", "grpo_lr", "temperature", "cliprange_value",
+                     "max_grad_norm", "dpo_beta"], _POSITIVE),
+    **dict.fromkeys(["max_positions", "max_prompt_tokens", "max_response_tokens",
+                     "sft_batch_size", "rm_batch_size", "rm_max_rejected", "ppo_iterations",
+                     "rollout_batch_size", "ppo_minibatch_size", "ppo_epochs", "save_every",
+                     "dpo_batch_size", "grpo_iterations", "grpo_prompts", "grpo_minibatch_size",
+                     "grpo_epochs", "lora_alpha", "eval_batch_size"], _AT_LEAST_1),
+    "gamma": _UNIT, "lam": _UNIT,
+    "cliprange": _OPEN_UNIT,        # the ratio is clipped to [1 - c, 1 + c]: c >= 1, no lower clip
+    "grpo_group_size": _AT_LEAST_2,  # a group of one has no spread: its advantage is 0 / 0
+}
+CONFIG_CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "kl_estimator": ("k1", "k3"),
+                  "dpo_loss": ("sigmoid", "ipo")}
+COLUMN_FIELDS = ("prompt", "chosen", "rejected", "response", "more_rejected", "setup_sql", "family")
+
+
+def _field_problem(name: str, kind: str, value):
+    """(value as stored, problem or None) of one Config field against its type and range."""
+    if kind == "bool":
+        return value, None if isinstance(value, bool) else "must be true or false"
+    if kind in ("int", "float"):
+        if isinstance(value, str):
+            return value, "is a string: write a number, without quotes"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"must be a number, not a {type(value).__name__}"
+        if not math.isfinite(value):
+            return value, "must be finite"
+        if kind == "int":
+            if value != int(value):
+                return value, "must be a whole number"
+            value = int(value)                  # 2.0 (as JSON may write it) is 2
+        rule = CONFIG_RANGES.get(name)
+        if rule and not rule[1](value):
+            return value, f"must be {rule[0]}"
+        return value, None
+    if kind == "str":
+        if not isinstance(value, str):
+            return value, f"must be a string, not a {type(value).__name__}"
+        if name in CONFIG_CHOICES and value not in CONFIG_CHOICES[name]:
+            return value, f"choose one of {CONFIG_CHOICES[name]}"
+        return value, None
+    if kind == "dict":                          # columns: {our field: the source's column}
+        if not isinstance(value, dict):
+            return value, f"must be a mapping like {{'prompt': 'q'}}, not a {type(value).__name__}"
+        bad = [k for k, v in value.items()
+               if k not in COLUMN_FIELDS or not isinstance(v, str) or not v]
+        if bad:
+            return value, (f"keys must be among {COLUMN_FIELDS} and values non-empty column names; "
+                           f"not {bad}")
+    return value, None
+
+
+def check_config(cfg: Config) -> Config:
+    """Check each field's type, range and name, and the limits fields set each other."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value, problem = _field_problem(f.name, str(f.type), getattr(cfg, f.name))
+        if problem:
+            problems.append(f"Config.{f.name}={getattr(cfg, f.name)!r}: {problem}")
+        else:
+            object.__setattr__(cfg, f.name, value)
+    if not problems:                            # relations, once each field is right on its own
+        if cfg.preset not in PRESETS:
+            problems.append(f"Config.preset={cfg.preset!r}: choose one of {sorted(PRESETS)}")
+        if cfg.ppo_minibatch_size > cfg.rollout_batch_size:
+            problems.append(f"Config.ppo_minibatch_size={cfg.ppo_minibatch_size}: must be <= "
+                            f"rollout_batch_size={cfg.rollout_batch_size} (a minibatch is a "
+                            "part of one rollout batch)")
+        group = cfg.grpo_prompts * cfg.grpo_group_size
+        if cfg.grpo_minibatch_size > group:
+            problems.append(f"Config.grpo_minibatch_size={cfg.grpo_minibatch_size}: must be <= "
+                            f"grpo_prompts * grpo_group_size = {group} (a minibatch is a part "
+                            "of one iteration's answers)")
+        if not cfg.actor_hub:               # the tiny OPT is built from these (opt sets them to 0)
+            for name in ("d_model", "n_layers", "n_heads"):
+                if getattr(cfg, name) < 1:
+                    problems.append(f"Config.{name}={getattr(cfg, name)}: must be >= 1 for a model "
+                                    "built here (actor_hub is empty)")
+            if cfg.n_heads >= 1 and cfg.d_model % cfg.n_heads:
+                problems.append(f"Config.d_model={cfg.d_model}: must be a multiple of "
+                                f"n_heads={cfg.n_heads}")
+    if problems:
+        raise ConfigError("bad settings:\n  " + "\n  ".join(problems))
+    return cfg
 
 
 # which notebook writes each folder under out_dir: a missing folder names the notebook to run first
@@ -198,7 +310,7 @@ def get_device():
     return device
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = CONFIG_CHOICES["precision"]
 
 
 def resolve_precision(cfg: Config, device) -> str:
@@ -519,31 +631,79 @@ def write_dataset(data_dir=ROOT / "dataset") -> dict:
 
 FIELD_ALIASES = {"prompt": ["prompt", "question", "query"], "chosen": ["chosen", "response_chosen", "answer"],
                  "rejected": ["rejected", "response_rejected", "negative"], "response": ["response"]}
+# chat messages ([{"role", "content"}, ...]) become text in the shipped prompts' style:
+# "Human: ... Assistant: ..."
+ROLE_NAMES = {"user": "Human", "human": "Human", "assistant": "Assistant", "gpt": "Assistant",
+              "system": "System"}
+ASSISTANT_ROLES = ("assistant", "gpt")
+# where an assistant turn begins in text that holds a whole chat (Anthropic HH: "\n\nAssistant:")
+TURN_MARKERS = ("Assistant:", "<|assistant|>", "### Response:")
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 
 
 class DataError(ValueError):
     """A bad row in a data file; the message names file, line and field."""
 
 
+class Rows(list):
+    """Loaded rows, a plain list to every caller, with .info: source, rows read, skipped, split."""
+
+    def __init__(self, rows=(), info: dict | None = None):
+        super().__init__(rows)
+        self.info = dict(info or {})
+
+
+def is_hub_id(source: str) -> bool:
+    """True for "hf:owner/name[:split]", or "owner/name[:split]" when that is no local file."""
+    if source.startswith("hf:"):
+        return True
+    name = source.split(":")[0]
+    return (bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
+            and not name.endswith(DATA_SUFFIXES))
+
+
+def _hub_records(source: str, split: str) -> tuple[str, list[tuple[int, object]]]:
+    """(a name for messages, [(row number, record)]) of a hub dataset, by datasets.load_dataset."""
+    name, _, asked = source.removeprefix("hf:").partition(":")
+    split = asked or split
+    label = f"hf:{name}[{split}]"
+    if not hub_reachable():
+        raise ConnectionError(f"{label} is a hub dataset id and the hub is unreachable: download "
+                              "the dataset where the hub is reachable, save it as JSON lines or "
+                              "Parquet, and give that file's path")
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:              # not found, no such split, gated: say which, with the cause
+        raise DataError(f"{label}: could not load it ({type(e).__name__}: {e})") from None
+    return label, [(i + 1, r) for i, r in enumerate(ds)]
+
+
 def _read_records(path: Path) -> list[tuple[int, object]]:
-    """(line number, record) from JSON lines, a JSON array, or Parquet; invalid JSON raises DataError."""
+    """(line number, record) of JSON lines, a JSON array, Parquet or .txt (a prompt a line)."""
     if path.suffix == ".parquet":
         import pandas as pd
         return [(i + 1, r) for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig drops the byte-order mark some Windows editors write, which json.loads refuses
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
+    # split on \n (a CRLF's \r is dropped): str.splitlines would also split a JSON string at U+2028,
+    # which JSON allows inside strings
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if path.suffix == ".txt":
+        return [(i, line.strip()) for i, line in enumerate(lines, 1) if line.strip()]
     if text.lstrip().startswith("["):
         try:
             return [(i + 1, r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     out = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -553,48 +713,261 @@ def _read_records(path: Path) -> list[tuple[int, object]]:
     return out
 
 
-def load_rows(path, required=("prompt", "chosen", "rejected"), skip_bad: bool = False, limit: int = 0) -> list[dict]:
-    """Preference rows from JSON/JSONL/Parquet with field aliases; a bad row raises DataError, or is skipped
-    and counted (printed) when skip_bad=True."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run 0_download.ipynb first (or `python util.py make-dataset`)")
-    rows, bad = [], []
-    for line, rec in _read_records(path):
+def _is_messages(value) -> bool:
+    """True for a chat: a non-empty list of {"role", "content"} dicts."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def _role(message: dict) -> str:
+    """A message's role, lower case."""
+    return str(message["role"]).lower()
+
+
+def chat_text(messages: list[dict]) -> str:
+    """A chat as one text, "Human: hi Assistant: hello", the shipped prompts' style."""
+    return " ".join(f"{ROLE_NAMES.get(_role(m), _role(m).title())}: {m['content']}"
+                    for m in messages)
+
+
+def _chat_answer(messages: list[dict], prompt: list | None) -> str:
+    """The answer part of a chat: what follows the prompt's messages; " hello" for one reply."""
+    if prompt and messages[:len(prompt)] == prompt:
+        messages = messages[len(prompt):]
+    if prompt is not None:
+        # a row with a prompt whose answer chats restate it (UltraFeedback: [user, assistant]):
+        # the answer is what the assistant says
+        while messages and _role(messages[0]) not in ASSISTANT_ROLES:
+            messages = messages[1:]
+    if not messages:
+        return ""
+    if prompt is not None and _role(messages[0]) in ASSISTANT_ROLES:
+        rest = messages[1:]                 # the prompt ends "Assistant:": the answer starts bare
+        return f" {messages[0]['content']}" + (f" {chat_text(rest)}" if rest else "")
+    return chat_text(messages)
+
+
+def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """(prompt, chosen, rejected) of a row whose answers both hold the prompt (HH); None if none."""
+    common = os.path.commonprefix([chosen, rejected])
+    if chosen.strip() == rejected.strip():  # the same text: its last assistant turn is the answer
+        common = chosen
+    # cut after the last assistant turn of the shared text: answers that begin alike ("I think")
+    # stay answers
+    cut = max((common.rfind(m) + len(m) for m in TURN_MARKERS if m in common), default=0)
+    if cut == 0 or not (chosen[cut:].strip() and rejected[cut:].strip()):
+        # no turn marker: back to the last whitespace (no word cut in two); answers start with it
+        spaces = [m.start() for m in re.finditer(r"\s+", common)]
+        cut = next((c for c in reversed(spaces)
+                    if c > 0 and chosen[c:].strip() and rejected[c:].strip()), 0)
+    if cut == 0 or not common[:cut].strip():
+        return None
+    return common[:cut].lstrip(), chosen[cut:], rejected[cut:]
+
+
+def _as_row(rec, where: str, required, columns: dict) -> dict:
+    """One record as a row: columns mapped, aliases read, chats as text, an HH prompt split off."""
+    if isinstance(rec, str):                # a line of a .txt file: one prompt
+        rec = {"prompt": rec}
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    names = {}                              # our field -> the record's key that holds it
+    for field, aliases in FIELD_ALIASES.items():
+        mapped = columns.get(field)
+        name = mapped if mapped in rec else next((a for a in aliases if a in rec), None)
+        if name is not None:
+            names[field] = name
+    # setup_sql, family, more_rejected under other names
+    extra = {f: c for f, c in columns.items() if f not in FIELD_ALIASES and c in rec}
+    used = set(names.values()) | set(extra.values()) | set(sum(FIELD_ALIASES.values(), []))
+    row = {k: v for k, v in rec.items() if k not in used}
+    row.update({f: rec[c] for f, c in extra.items()})
+    values = {f: rec[n] for f, n in names.items()}
+    chat = rec.get("messages")
+    if not values and _is_messages(chat) and len(chat) > 1 and _role(chat[-1]) in ASSISTANT_ROLES:
+        # a chat for SFT: its last (assistant) message is the demonstration, the rest the prompt
+        row.pop("messages")
+        values = {"prompt": chat[:-1], "response": chat[-1:]}
+    prompt = values.get("prompt")
+    if _is_messages(prompt):
+        open_turn = _role(prompt[-1]) not in ASSISTANT_ROLES
+        values["prompt"] = chat_text(prompt) + (" Assistant:" if open_turn else "")
+    for field in ("chosen", "rejected", "response"):
+        if _is_messages(values.get(field)):
+            given = prompt if _is_messages(prompt) else [] if "prompt" in values else None
+            values[field] = _chat_answer(values[field], given)
+    answers = [values.get("chosen"), values.get("rejected")]
+    if "prompt" not in values and all(isinstance(a, str) for a in answers):
+        parts = split_shared_prompt(*answers)
+        if parts is None:
+            raise DataError(f"{where}: no prompt field, and chosen and rejected share no beginning "
+                            f"that ends on a turn ({TURN_MARKERS[0]!r}) or a word: give each row a "
+                            "'prompt' field")
+        values["prompt"], values["chosen"], values["rejected"] = parts
+        row["_split"] = True                # counted by load_rows, then removed
+    for need in required:
+        options = need if isinstance(need, tuple) else (need,)
+        if not any(f in values for f in options):
+            accepted = [a for f in options for a in [columns.get(f)] + FIELD_ALIASES[f] if a]
+            raise DataError(f"{where}: field {' or '.join(map(repr, options))} is missing "
+                            f"(accepted names: {accepted}; this row has: {sorted(rec)}): "
+                            "Config.columns maps other names to it")
+    needed = {f for n in required for f in (n if isinstance(n, tuple) else (n,))}
+    for field, value in values.items():
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field '{names.get(field, field)}' must be a string, got "
+                            f"{type(value).__name__} (or a chat: a list of role/content messages)")
+        if field in needed and not value.strip():
+            raise DataError(f"{where}: field '{names.get(field, field)}' is empty")
+        row[field] = value
+    more = row.get("more_rejected")
+    if more is not None and not (isinstance(more, list)
+                                 and all(isinstance(a, str) and a.strip() for a in more)):
+        raise DataError(f"{where}: field 'more_rejected' must be a list of non-empty strings")
+    return row
+
+
+def load_rows(path, required=("prompt", "chosen", "rejected"), skip_bad: bool = False,
+              limit: int = 0, columns: dict | None = None, pairs: bool = False,
+              split: str = "train") -> Rows:
+    """Rows of a JSON/JSONL/Parquet/.txt file or hub id; see the comments inside for the options."""
+    # required: field names, a tuple = one of them; a bad row raises DataError, or with skip_bad is
+    # skipped and counted; columns: {our field: the source's name}; pairs=True skips and counts the
+    # rows with no rejected answer or one equal to chosen; split: a hub dataset's default split
+    if isinstance(path, str) and is_hub_id(path):
+        name, records = _hub_records(path, split)
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run 0_download.ipynb first (or `python "
+                                    "util.py make-dataset`)")
+        beyond = [f for f in required if f != "prompt"]
+        if path.suffix == ".txt" and beyond:
+            raise DataError(f"{path}: a .txt file holds prompts only (one a line), but these rows "
+                            f"need {beyond}: use JSON lines")
+        name, records = str(path), _read_records(path)
+    rows, bad, n_split, n_read = [], [], 0, 0
+    skipped = {"no rejected answer": [], "chosen equals rejected": []}
+    for line, rec in records:
+        n_read += 1
         try:
             if isinstance(rec, DataError):
                 raise rec
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{line}: expected a JSON object, got {type(rec).__name__}")
-            row = {k: v for k, v in rec.items() if k not in sum(FIELD_ALIASES.values(), [])}
-            for field, aliases in FIELD_ALIASES.items():
-                name = next((a for a in aliases if a in rec), None)
-                if name is None:
-                    if field in required:
-                        raise DataError(f"{path}:{line}: field '{field}' is missing (accepted names: {aliases}; "
-                                        f"this row has: {sorted(rec)})")
-                    continue
-                value = rec[name]
-                if not isinstance(value, str):
-                    raise DataError(f"{path}:{line}: field '{name}' must be a string, got {type(value).__name__}")
-                if field in required and not value.strip():
-                    raise DataError(f"{path}:{line}: field '{name}' is empty")
-                row[field] = value
-            extra = row.get("more_rejected")
-            if extra is not None and not (isinstance(extra, list) and all(isinstance(a, str) and a.strip() for a in extra)):
-                raise DataError(f"{path}:{line}: field 'more_rejected' must be a list of non-empty strings")
-            rows.append(row)
+            row = _as_row(rec, f"{name}:{line}", required, columns or {})
         except DataError as e:
             if not skip_bad:
                 raise
             bad.append(str(e))
+            continue
+        n_split += bool(row.pop("_split", False))
+        if pairs:
+            # a pair with nothing to prefer teaches the reward model and DPO nothing
+            if not row.get("rejected", "").strip():
+                skipped["no rejected answer"].append(f"{name}:{line}")
+                continue
+            if row["rejected"].strip() == row["chosen"].strip():
+                skipped["chosen equals rejected"].append(f"{name}:{line}")
+                continue
+        rows.append(row)
         if limit and len(rows) >= limit:
             break
     if bad:
-        print(f"skipped {len(bad)} bad row(s) of {path.name}; first: {bad[0]}")
+        print(f"skipped {len(bad)} bad row(s) of {Path(name).name}; first: {bad[0]}")
+    for why, where in skipped.items():
+        if where:
+            print(f"{name}: skipped {len(where)} pair(s) with {why} (first: {where[0]})")
+    if n_split:
+        print(f"{name}: {n_split} row(s) had no prompt field: the prompt was split off the shared "
+              "beginning of chosen and rejected, at their last assistant turn (or word)")
     if not rows:
-        raise DataError(f"{path}: no usable rows")
+        counts = ", ".join(f"{len(w)} with {k}" for k, w in skipped.items() if w)
+        raise DataError(f"{name}: no usable rows" + (f" ({counts})" if counts else ""))
+    return Rows(rows, {"source": name, "read": n_read, "used": len(rows), "skipped_bad": len(bad),
+                       **{f"skipped_{k.replace(' ', '_')}": len(w) for k, w in skipped.items()},
+                       "prompts_split": n_split})
+
+
+# ---------------------------------------------------------------------------- data sources
+
+# kind: (Config field, the shipped file when it is "", required fields (a tuple: one of), a name)
+DATA_SOURCES = {
+    "sft": ("sft_data", "train.json", ("prompt", ("response", "chosen")), "SFT demonstrations"),
+    "pref": ("pref_data", "train.json", ("prompt", "chosen"), "preference pairs"),
+    "prompt": ("prompt_data", "train.json", ("prompt",), "prompts"),
+    "eval": ("eval_data", "eval.json", ("prompt",), "evaluation rows"),
+}
+
+
+def data_source(cfg: Config, kind: str) -> str:
+    """Where a kind of data comes from: its Config field, else the shipped file under data_dir."""
+    field, default = DATA_SOURCES[kind][:2]
+    return getattr(cfg, field) or str(Path(cfg.data_dir, default))
+
+
+def load_data(cfg: Config, kind: str, limit: int | None = None) -> Rows:
+    """Rows of a config's source: "sft", "pref", "prompt" (n_train rows) or "eval" (n_eval)."""
+    if kind not in DATA_SOURCES:
+        raise ValueError(f"unknown kind of data {kind!r}: choose one of {sorted(DATA_SOURCES)}")
+    field, _, required, what = DATA_SOURCES[kind]
+    source = data_source(cfg, kind)
+    limit_field = "n_eval" if kind == "eval" else "n_train"
+    limit = getattr(cfg, limit_field) if limit is None else limit
+    if getattr(cfg, field) and not is_hub_id(source) and not Path(source).exists():
+        raise FileNotFoundError(f"Config.{field}={source!r}: no such file (relative to "
+                                f"{Path.cwd()}) and not a hub dataset id (hf:owner/name)")
+    rows = load_rows(source, required, limit=limit, columns=cfg.columns, pairs=kind == "pref",
+                     split="test" if kind == "eval" else "train")
+    cut = f", the first {limit} (Config.{limit_field})" if len(rows) == limit else ""
+    print(f"{what}: {len(rows)} rows from {rows.info['source']}{cut}")
     return rows
+
+
+def _normal(prompt: str) -> str:
+    """A prompt with each whitespace run made one space: the same question typed twice is equal."""
+    return " ".join(prompt.split())
+
+
+def leaked_prompts(train_rows: list[dict], eval_rows: list[dict]) -> int:
+    """How many evaluation rows have a prompt that is also a training prompt (whitespace aside)."""
+    seen = {_normal(r["prompt"]) for r in train_rows}
+    return sum(_normal(r["prompt"]) in seen for r in eval_rows)
+
+
+def report_leakage(train_rows: list[dict], eval_rows: list[dict], what: str) -> int:
+    """Count and print the evaluation prompts that the training rows hold too."""
+    n = leaked_prompts(train_rows, eval_rows)
+    note = ": their scores measure memory, not generalisation" if n else ""
+    print(f"leakage: {n} of {len(eval_rows)} evaluation prompts are also in the {what}{note}")
+    return n
+
+
+def with_fields(rows: list[dict], fields, what: str) -> list[dict]:
+    """The rows with each field a non-empty string (pairs: chosen != rejected); the rest counted."""
+    pair = {"chosen", "rejected"} <= set(fields)
+
+    def ok(r):
+        if not all(isinstance(r.get(f), str) and r[f].strip() for f in fields):
+            return False
+        return not pair or r["chosen"].strip() != r["rejected"].strip()
+    keep = [r for r in rows if ok(r)]
+    if len(keep) < len(rows):
+        print(f"{what}: {len(rows) - len(keep)} of {len(rows)} rows left out (they lack "
+              f"{'/'.join(fields)}{' or have chosen == rejected' if pair else ''})")
+    return keep
+
+
+def demonstrations(rows: list[dict], what: str) -> list[dict]:
+    """Rows for SFT: as they are when each has a response, else chosen stands in for it."""
+    if all(isinstance(r.get("response"), str) for r in rows):
+        return rows                         # the shipped rows: the same list, untouched
+    has = [(isinstance(r.get("response"), str), isinstance(r.get("chosen"), str)) for r in rows]
+    out = [r if resp else {**r, "response": r["chosen"]} for r, (resp, ch) in zip(rows, has)
+           if resp or ch]
+    n = sum(ch and not resp for resp, ch in has)
+    left = f"; {len(rows) - len(out)} have neither and are left out" if len(out) < len(rows) else ""
+    print(f"{what}: {n} of {len(rows)} rows have no 'response': SFT uses their 'chosen' answer "
+          f"instead{left}")
+    return out
 
 
 # ---------------------------------------------------------------------------- execution accuracy (the gold metric)
@@ -1216,7 +1589,7 @@ def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) ->
             b = right_pad_batch(examples[i:i + batch_size], pad_id)
             k = int((b[2][:, 1:] != -100).sum())
             tot, n = tot + float(sft_loss(model, b, device)) * k, n + k
-    return tot / max(n, 1)
+    return tot / n if n else float("nan")      # no held-out answers: no loss to show, not 0
 
 
 def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 25) -> list[dict]:
@@ -1224,8 +1597,12 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
     200 eval rows, n_logs times)."""
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
-    train_rows = fit_rows(tok, train_rows, cfg, ("response",), "SFT training rows")
-    eval_rows = fit_rows(tok, eval_rows[:200], cfg, ("response",), "SFT held-out rows")
+    train_rows = fit_rows(tok, demonstrations(train_rows, "SFT training rows"), cfg, ("response",),
+                          "SFT training rows")
+    eval_rows = fit_rows(tok, demonstrations(eval_rows[:200], "SFT held-out rows"), cfg,
+                         ("response",), "SFT held-out rows")
+    print(f"SFT: {len(train_rows)} training rows used, {len(eval_rows)} held-out rows for the "
+          "loss curve")
     ex, ev = row_examples(tok, train_rows, cfg), row_examples(tok, eval_rows, cfg)
     plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
@@ -1420,9 +1797,14 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
     """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up to 200 pairs)."""
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
-    train_rows = fit_rows(tok, train_rows, cfg, ("chosen", "rejected"), "reward-model training pairs",
+    pair = ("chosen", "rejected")
+    train_rows = fit_rows(tok, with_fields(train_rows, pair, "reward-model training pairs"), cfg,
+                          pair, "reward-model training pairs",
                           more_rejected=cfg.rm_max_rejected - 1)
-    curve_rows = fit_rows(tok, eval_rows[:200], cfg, ("chosen", "rejected"), "reward-model held-out pairs")
+    curve_rows = fit_rows(tok, with_fields(eval_rows[:200], pair, "reward-model held-out pairs"),
+                          cfg, pair, "reward-model held-out pairs")
+    print(f"reward model: {len(train_rows)} training pairs used, {len(curve_rows)} held-out pairs "
+          "for the curve")
     if cfg.rm_freeze_backbone:                  # train the head only (cheap, less overfitting, weaker)
         for p in getattr(model, model.base_model_prefix).parameters():
             p.requires_grad_(False)
@@ -1455,7 +1837,7 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
             if step % log_every == 0 or step == len(plan):
                 c, r = score_pairs(model, tok, curve_rows, cfg, device)
                 rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),
-                       "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c)}
+                       "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c) if c else float("nan")}
                 history.append(rec)
                 run = []
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}", refresh=False)
@@ -1689,7 +2071,7 @@ def ppo_iteration(models: dict, opts: dict, tok, rows, cfg: Config, kl_coef: flo
     actor.eval(), critic.eval()
     timings["train"] = time.time() - t0
     # 4. the log record: the proxy (RM score), the gold metric (never trained on), the KL it cost
-    gold = [g for g in ro.gold if g is not None]
+    gold = [g for g in ro.gold if g is not None] or [math.nan]    # no setup_sql: no verdict, not 0
     return {"rm_score": float(ro.scores.mean()), "gold_acc": sum(gold) / max(len(gold), 1),
             "kl": float(kl.sum(1).mean()), "kl_coef": kl_coef,
             "non_score_reward": float((-kl_coef * kl).sum(1).mean()),
@@ -1858,7 +2240,7 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
     tok = load_tokenizer(_require(cfg.path("actor")))
     _require(cfg.path("critic"))
     if rows is None:
-        rows = load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
+        rows = load_data(cfg, "prompt")
     rows = fit_rows(tok, rows, cfg, (), "PPO prompts")
     state = load_ppo_state(out, cfg, rows)
     tok, models, opts = load_ppo_models(cfg, device, state)
@@ -1923,6 +2305,8 @@ def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoi
 def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int = 64) -> dict:
     """Implicit-reward accuracy and margin on held-out pairs, no gradient."""
     import torch
+    if not rows:                                # no held-out pairs: nothing measured (not 0)
+        return {"eval_reward_acc": float("nan"), "eval_margin": float("nan")}
     acc, margin = [], []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
@@ -1944,7 +2328,12 @@ def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_log
     import torch
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
-    train_rows = fit_rows(tok, train_rows, cfg, ("chosen", "rejected"), "DPO training pairs")
+    pair = ("chosen", "rejected")
+    train_rows = fit_rows(tok, with_fields(train_rows, pair, "DPO training pairs"), cfg, pair,
+                          "DPO training pairs")
+    eval_rows = with_fields(eval_rows[:200], pair, "DPO held-out pairs")
+    print(f"DPO: {len(train_rows)} training pairs used, {len(eval_rows)} held-out pairs for the "
+          "curve")
     plan = batches(len(train_rows), cfg.dpo_batch_size, cfg.dpo_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.dpo_lr, len(plan))
@@ -1992,14 +2381,17 @@ def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_log
 
 def exec_rewards(rows, texts) -> list[float]:
     """Verifiable reward: 1 when the answer's result in sqlite equals the gold query's result, else 0."""
-    return [float(execution_match(r["setup_sql"], r["chosen"], t)) for r, t in zip(rows, texts)]
+    # a row without setup_sql gets 0: the same for its whole group, so GRPO takes no signal from it
+    return [float("setup_sql" in r and execution_match(r["setup_sql"], r["chosen"], t))
+            for r, t in zip(rows, texts)]
 
 
 def format_rewards(rows, texts, has_eos) -> list[float]:
     """Format reward: 1 for a single SELECT statement that sqlite runs without error and that ends with EOS."""
     out = []
     for r, t, eos in zip(rows, texts, has_eos):
-        ok = bool(eos) and t.strip().upper().startswith("SELECT") and ";" not in t
+        ok = (bool(eos) and "setup_sql" in r and t.strip().upper().startswith("SELECT")
+              and ";" not in t)
         out.append(float(ok and execute_sql(r["setup_sql"], t) is not None))
     return out
 
@@ -2074,18 +2466,39 @@ def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config, scaler=None) -> 
                 stats[k].append(v)
     actor.eval()
     zero_std = float((rewards.view(-1, cfg.grpo_group_size).std(1) == 0).float().mean())
+    checked = [i for i, r in enumerate(group) if "setup_sql" in r]    # where gold can be judged
+    acc, fmt = [acc[i] for i in checked] or [math.nan], [fmt[i] for i in checked] or [math.nan]
     return {"reward": float(rewards.mean()), "gold_acc": sum(acc) / len(acc), "format_rate": sum(fmt) / len(fmt),
             "groups_without_signal": zero_std, "length": float(mask.sum(1).mean()),
             "eos_rate": float(has_eos.float().mean()), **{k: sum(v) / len(v) for k, v in stats.items()},
             "time_generate_score": t1 - t0, "time_train": time.time() - t1, "sample": texts[0]}
 
 
+def check_grpo_reward(rows: list[dict], cfg: Config) -> None:
+    """Refuse GRPO when no answer can be rewarded: no setup_sql anywhere, the reward model off."""
+    n = sum("setup_sql" in r for r in rows)
+    if n == 0 and cfg.grpo_rm_weight <= 0:
+        raise ConfigError(
+            "GRPO has no reward for these prompts: none has 'setup_sql' (the tables an answer "
+            "is executed on), so no answer can be checked, and Config.grpo_rm_weight=0 leaves the "
+            "reward model out. Set grpo_rm_weight > 0 (e.g. 1.0) to reward the answers with the "
+            "reward model (train it first: 2_critic.ipynb or `python util.py rm`), or give the "
+            "rows setup_sql.")
+    if n < len(rows):
+        by = "the reward model only" if cfg.grpo_rm_weight > 0 else "nothing (set grpo_rm_weight)"
+        print(f"GRPO: {len(rows) - n} of {len(rows)} prompts have no 'setup_sql': execution and "
+              f"format rewards need it, so their answers are rewarded by {by}")
+
+
 def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
     """The GRPO loop from the SFT actor; returns (trained actor, history). Saving is the notebook's job."""
     import torch
     one_process_only("GRPO")
+    rows = rows if rows is not None else load_data(cfg, "prompt")
+    check_grpo_reward(rows, cfg)                # before anything is loaded: no reward, no learning
     tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
-    rows = rows if rows is not None else load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
+    rows = fit_rows(tok, rows, cfg, (), "GRPO prompts")     # counts (prints) the prompts to be cut
+    print(f"GRPO: {len(rows)} prompts, {cfg.grpo_prompts} per iteration")
     actor = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
     ref = None if cfg.lora_r > 0 else load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
     rm = (load_score_model(_require(cfg.path("critic"), "2_critic.ipynb"), device=device, cfg=cfg)
@@ -2108,7 +2521,7 @@ def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
 
 
 def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Execution accuracy greedy and sampled, RM score, KL to the reference, length and EOS rate on `rows`."""
+    """Execution accuracy greedy and sampled (rows with setup_sql), RM score, KL, length, EOS."""
     import torch
     prompts = [r["prompt"] for r in rows]
     greedy = sample_answers(model, tok, prompts, cfg, greedy=True, desc=f"{desc} greedy")
@@ -2130,25 +2543,49 @@ def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str 
                     kl = ((lp - rlp) * mask).sum(1).cpu()
                 score = reward_scores(rm, qr, attn).cpu() if rm is not None else torch.full((len(part),), float("nan"))
             for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
-                per_row.append({"prompt": r["prompt"], "family": r.get("family", "?"), "gold": r["chosen"].strip(),
+                # the gold metric needs the row's tables and gold SQL: else None, not a guess
+                judged = "setup_sql" in r and isinstance(r.get("chosen"), str)
+
+                def ok(answer):
+                    return execution_match(r["setup_sql"], r["chosen"], answer) if judged else None
+                per_row.append({"prompt": r["prompt"], "family": r.get("family", "?"),
+                                "gold": (r.get("chosen") or "").strip(),
                                 "greedy": greedy[i + j].strip(), "sampled": text.strip(),
-                                "greedy_ok": execution_match(r["setup_sql"], r["chosen"], greedy[i + j]),
-                                "sampled_ok": execution_match(r["setup_sql"], r["chosen"], text),
+                                "greedy_ok": ok(greedy[i + j]), "sampled_ok": ok(text),
                                 "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
                                 "eos": bool(has_eos[j])})
     n = len(per_row)
-    summary = {"exec_acc_greedy": sum(r["greedy_ok"] for r in per_row) / n,
-               "exec_acc_sampled": sum(r["sampled_ok"] for r in per_row) / n,
-               "rm_score": sum(r["rm_score"] for r in per_row) / n, "kl_to_sft": sum(r["kl"] for r in per_row) / n,
-               "length": sum(r["length"] for r in per_row) / n, "eos_rate": sum(r["eos"] for r in per_row) / n,
-               "n_prompts": n, "temperature": cfg.temperature}
+    judged = [r for r in per_row if r["greedy_ok"] is not None]
+    summary = {}
+    if judged:
+        summary["exec_acc_greedy"] = sum(r["greedy_ok"] for r in judged) / len(judged)
+        summary["exec_acc_sampled"] = sum(r["sampled_ok"] for r in judged) / len(judged)
+    summary.update({"rm_score": sum(r["rm_score"] for r in per_row) / n,
+                    "kl_to_sft": sum(r["kl"] for r in per_row) / n,
+                    "length": sum(r["length"] for r in per_row) / n,
+                    "eos_rate": sum(r["eos"] for r in per_row) / n,
+                    "n_prompts": n, "temperature": cfg.temperature})
+    if len(judged) < n:
+        summary["n_with_setup_sql"] = len(judged)
+        print(f"{desc}: execution accuracy on {len(judged)} of {n} prompts (others lack setup_sql)")
     return summary, per_row
 
 
+def no_gold_note(judged: int, n: int) -> str:
+    """What the evaluation leaves out, and why, when rows have no setup_sql."""
+    what = "not measured" if judged == 0 else f"measured on {judged} of {n} prompts only"
+    return (f"execution accuracy {what}: it needs 'setup_sql' (the tables the SQL runs on) and "
+            "'chosen' (the gold SQL) in the evaluation rows. Measured without them: RM score, KL "
+            "to SFT, win rate vs SFT (by the RM), length, EOS rate.")
+
+
 def per_family_accuracy(per_row: list[dict]) -> dict:
-    """Sampled and greedy execution accuracy per question family."""
+    """Sampled and greedy execution accuracy per question family (of the rows with a verdict)."""
     import pandas as pd
-    return pd.DataFrame(per_row).groupby("family")[["greedy_ok", "sampled_ok"]].mean().round(3).to_dict("index")
+    judged = pd.DataFrame([r for r in per_row if r["greedy_ok"] is not None])
+    if judged.empty:
+        return {}
+    return judged.groupby("family")[["greedy_ok", "sampled_ok"]].mean().round(3).to_dict("index")
 
 
 def win_rate(scores_a: list[float], scores_b: list[float]) -> float:
@@ -2164,6 +2601,76 @@ def write_json(obj, path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+# the models the report looks for: its name -> the folder under out_dir
+REPORT_MODELS = {"SFT": "actor", "RLHF (PPO)": "rlhf", "DPO": "dpo", "GRPO": "grpo"}
+
+
+def build_report(cfg: Config, device) -> tuple[dict, dict]:
+    """(report, per-row results) of each model present, as 4_test does; writes report.json."""
+    tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
+    evalset = load_data(cfg, "eval")
+    leakage, seen = {}, set()
+    for kind in ("sft", "pref", "prompt"):  # each training source once (by default one file)
+        if data_source(cfg, kind) not in seen:
+            seen.add(data_source(cfg, kind))
+            leakage[kind] = report_leakage(load_data(cfg, kind), evalset, DATA_SOURCES[kind][3])
+    has_rm = (cfg.path("critic") / "config.json").exists()
+    rm = load_score_model(cfg.path("critic"), device=device, cfg=cfg) if has_rm else None
+    ref = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
+    present = {k: d for k, d in REPORT_MODELS.items() if (cfg.path(d) / "config.json").exists()}
+    print("models found:", list(present))
+    results, rows = {}, {}
+    for name, d in present.items():
+        set_seed(cfg.seed)
+        model = load_causal_lm(cfg.path(d), device=device, cfg=cfg)
+        results[name], rows[name] = evaluate_policy(model, tok, evalset, cfg, rm=rm, ref=ref,
+                                                    desc=name)
+        del model
+        free_memory()                       # one evaluated model on the GPU at a time
+    for name in results:
+        if rm is not None:
+            results[name]["win_rate_vs_sft"] = win_rate([r["rm_score"] for r in rows[name]],
+                                                        [r["rm_score"] for r in rows["SFT"]])
+    not_measured = {}
+    judged = sum(r["greedy_ok"] is not None for r in rows["SFT"])
+    if judged < len(evalset):
+        not_measured["exec_acc"] = no_gold_note(judged, len(evalset))
+    if rm is None:
+        not_measured["rm_score"] = ("no reward model in critic/ (run 2_critic.ipynb or `python "
+                                    "util.py rm`), so no RM score and no win rate")
+    report = {"preset": cfg.preset, "n_eval_prompts": len(evalset), "temperature": cfg.temperature,
+              "models": results, "per_family": {n: per_family_accuracy(r) for n, r in rows.items()},
+              "data": {"eval": data_source(cfg, "eval"), "leaked_eval_prompts": leakage},
+              "not_measured": not_measured}
+    write_json(report, cfg.path("report.json"))
+    return report, rows
+
+
+def _json_safe(x):
+    """A copy every JSON reader accepts: NaN and inf become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_run_record(cfg: Config, stage: str, history: list[dict], data: dict | None = None):
+    """logs/<stage>.jsonl (the history), <stage>_config.json (the config), <stage>_data.json."""
+    logs = cfg.path("logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    tmp = logs / f"{stage}.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(_json_safe(rec)) + "\n" for rec in history))
+    os.replace(tmp, logs / f"{stage}.jsonl")
+    # the config loads back as it is: `python util.py <stage> --config logs/<stage>_config.json`
+    write_json(dataclasses.asdict(cfg), logs / f"{stage}_config.json")
+    if data is not None:
+        write_json(_json_safe(data), logs / f"{stage}_data.json")
+    return logs
 
 
 # ============================================================================ plotting
@@ -2205,6 +2712,8 @@ def show_source(fn) -> None:
 # ============================================================================ CLI
 
 STAGES = {"sft": "actor", "rm": "critic", "ppo": "rlhf", "dpo": "dpo", "grpo": "grpo"}
+# the kind of data (DATA_SOURCES) each stage trains on
+STAGE_DATA = {"sft": "sft", "rm": "pref", "ppo": "prompt", "dpo": "pref", "grpo": "prompt"}
 
 
 def load_config(path_or_dict=None, preset: str | None = None) -> Config:
@@ -2224,16 +2733,21 @@ def load_config(path_or_dict=None, preset: str | None = None) -> Config:
 
 
 def run_stage(stage: str, cfg: Config) -> dict:
-    """One stage without its notebook (train and save, no plots); returns the metrics it saved."""
+    """One stage without its notebook: train, save, leave its record in logs/; its last metrics."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: choose one of {sorted(STAGES)}")
+    check_config(cfg)                       # again: a field may have been set after it was made
     device = accelerator().device
     set_seed(cfg.seed)
-    train = load_rows(Path(cfg.data_dir, "train.json"), limit=cfg.n_train)
-    evalset = load_rows(Path(cfg.data_dir, "eval.json"), limit=cfg.n_eval)
+    kind = STAGE_DATA[stage]
+    train = load_data(cfg, kind)
+    evalset = load_data(cfg, "eval")
+    data = {kind: train.info, "eval": evalset.info,
+            "leaked_eval_prompts": report_leakage(train, evalset, DATA_SOURCES[kind][3])}
     t0 = time.time()
     if stage == "ppo":
         history = train_ppo(cfg, device, train)
-        return {"seconds": time.time() - t0, **{k: v for k, v in history[-1].items() if k != "sample"}}
-    if stage == "sft":
+    elif stage == "sft":
         if not (cfg.path("base_actor") / "config.json").exists() and accelerator().is_main_process:
             prepare_base_models(cfg)
         accelerator().wait_for_everyone()
@@ -2253,24 +2767,43 @@ def run_stage(stage: str, cfg: Config) -> dict:
         model = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
         ref = None if cfg.lora_r else load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
         history = train_dpo(model, ref, tok, train, evalset, cfg, device)
-    elif stage == "grpo":
+    else:
         tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
         model, history = train_grpo(cfg, device, train)
-    else:
-        raise ValueError(f"unknown stage {stage!r}: choose one of {sorted(STAGES)}")
-    metrics = {"preset": cfg.preset, "seconds": time.time() - t0, "history": history}
-    if accelerator().is_main_process:           # every process holds the same weights: one writes them
-        save_model(unwrap(model), tok, cfg.path(STAGES[stage]), metrics)
+    seconds = time.time() - t0
+    if accelerator().is_main_process:       # every process holds the same weights: one writes them
+        if stage != "ppo":                  # PPO wrote its checkpoint (and metrics.json) as it went
+            save_model(unwrap(model), tok, cfg.path(STAGES[stage]),
+                       {"preset": cfg.preset, "seconds": seconds, "history": history})
+        # the exact settings of this run, beside its outputs
+        write_json(dataclasses.asdict(cfg), cfg.path(STAGES[stage], "run_config.json"))
+        write_run_record(cfg, stage, history, {**data, "seconds": seconds})
     accelerator().wait_for_everyone()
-    return {"seconds": metrics["seconds"], **{k: v for k, v in history[-1].items() if k != "sample"}}
+    return {"seconds": seconds, **{k: v for k, v in history[-1].items() if k != "sample"}}
+
+
+def print_report(report: dict) -> None:
+    """The report's table of models and metrics, then what it left out and why."""
+    import pandas as pd
+    table = pd.DataFrame(report["models"]).T
+    hidden = ["n_prompts", "temperature"]
+    if "exec_acc" in report["not_measured"]:    # the note below says it: no column of zeros
+        hidden.append("n_with_setup_sql")
+    table = table.drop(columns=hidden, errors="ignore")
+    print(f"{report['n_eval_prompts']} evaluation prompts ({report['data']['eval']}), "
+          f"T={report['temperature']}")
+    print(table.round(3).to_string())
+    for metric, why in report["not_measured"].items():
+        print(f"not shown, {metric}: {why}")
 
 
 def main(argv=None) -> int:
-    """`python util.py make-dataset | make-tokenizer | stats`, or a stage without its notebook:
-    `python util.py sft|rm|ppo|dpo|grpo [--config file.json] [--preset NAME]` (also under `accelerate launch`)."""
+    """`python util.py make-dataset | make-tokenizer | stats`, a stage without its notebook or the
+    report: `python util.py sft|rm|ppo|dpo|grpo|report [--config file.json] [--preset NAME]`."""
     import argparse
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("command", choices=["make-dataset", "make-tokenizer", "stats", *STAGES])
+    ap.add_argument("command",
+                    choices=["make-dataset", "make-tokenizer", "stats", *STAGES, "report"])
     ap.add_argument("--config", help="JSON file of Config fields (see util.Config), e.g. {\"preset\": \"smoke\", \"lora_r\": 8}")
     ap.add_argument("--preset", help="preset to start from (overrides the file's); default RLHF_PRESET or auto")
     args = ap.parse_args(argv)
@@ -2278,10 +2811,16 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.preset)
         summary = run_stage(args.command, cfg)
         if accelerator().is_main_process:
+            rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
             resolved = cfg.path(STAGES[args.command], "run_config.json")
-            write_json(dataclasses.asdict(cfg), resolved)   # the exact settings of this run, beside its outputs
-            print(json.dumps({"stage": args.command, "processes": accelerator().num_processes, "config": str(resolved),
-                              **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}}))
+            print(json.dumps(_json_safe({"stage": args.command, "config": str(resolved),
+                                         "processes": accelerator().num_processes,
+                                         "logs": str(cfg.path("logs")), **rounded})))
+    elif args.command == "report":
+        cfg = load_config(args.config, args.preset)
+        report, _ = build_report(cfg, accelerator().device)
+        print_report(report)
+        print(f"wrote {cfg.path('report.json')}")
     elif args.command == "make-dataset":
         print(write_dataset())
     elif args.command == "make-tokenizer":

@@ -679,7 +679,7 @@ Every model present is evaluated on the same held-out prompts it never trained o
 * answer length and EOS rate.""") + [
     code('''from pathlib import Path
 tok = util.load_tokenizer(cfg.path("actor"))
-evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
+evalset = util.load_data(cfg, "eval")      # Config.eval_data, by default dataset/eval.json
 rm = util.load_score_model(cfg.path("critic"), device=device, cfg=cfg)
 ref = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
 candidates = {"SFT": "actor", "RLHF (PPO)": "rlhf", "DPO": "dpo", "GRPO": "grpo"}
@@ -695,16 +695,24 @@ for name, d in present.items():
 for name in results:
     results[name]["win_rate_vs_sft"] = util.win_rate([r["rm_score"] for r in rows[name]], [r["rm_score"] for r in rows["SFT"]])
 table = pd.DataFrame(results).T
+# your own data without setup_sql: no execution accuracy, the rest of the table still holds
+has_gold = "exec_acc_greedy" in table
+if not has_gold:
+    print(util.no_gold_note(0, len(evalset)))
 table'''),
     code('''fig, ax = plt.subplots(figsize=(7, 3))
-table[["exec_acc_greedy", "exec_acc_sampled"]].plot.bar(ax=ax, rot=0, ylim=(0, 1), title="execution accuracy (held-out)")
+if has_gold:
+    table[["exec_acc_greedy", "exec_acc_sampled"]].plot.bar(ax=ax, rot=0, ylim=(0, 1), title="execution accuracy (held-out)")
+else:
+    table[["win_rate_vs_sft"]].plot.bar(ax=ax, rot=0, ylim=(0, 1), title="win rate vs SFT by the RM (held-out)")
 ax.grid(axis="y", alpha=0.3)
 fig.savefig(cfg.path("report.png"), dpi=110, bbox_inches="tight");'''),
     code('''pd.DataFrame({name: {f: v["sampled_ok"] for f, v in util.per_family_accuracy(r).items()} for name, r in rows.items()})'''),
-    md("Side by side, sampled answers (✓ = same result as the gold SQL):"),
+    md("Side by side, sampled answers (✓ = same result as the gold SQL; no mark without `setup_sql`):"),
     code('''side = pd.DataFrame({"family": [r["family"] for r in rows["SFT"]], "gold": [r["gold"] for r in rows["SFT"]]})
+mark = {True: "✓ ", False: "✗ ", None: ""}
 for name in rows:
-    side[name] = [("✓ " if r["sampled_ok"] else "✗ ") + r["sampled"] for r in rows[name]]
+    side[name] = [mark[r["sampled_ok"]] + r["sampled"] for r in rows[name]]
 side.groupby("family").head(2).sort_values("family")'''),
     md("""
 ## Over-optimisation
@@ -728,7 +736,8 @@ if ppo_history:
     ax1.set_title("proxy vs gold along PPO training (dots: iterations, lines: running mean)")
     fig.savefig(cfg.path("overoptimisation.png"), dpi=110, bbox_inches="tight");'''),
     code('''report = {"preset": cfg.preset, "n_eval_prompts": len(evalset), "temperature": cfg.temperature,
-          "models": results, "per_family": {n: util.per_family_accuracy(r) for n, r in rows.items()}}
+          "models": results, "per_family": {n: util.per_family_accuracy(r) for n, r in rows.items()},
+          "not_measured": {} if has_gold else {"exec_acc": util.no_gold_note(0, len(evalset))}}
 util.write_json(report, cfg.path("report.json"))
 print("wrote", cfg.path("report.json"))'''),
 ]
