@@ -136,7 +136,7 @@ table'''),
 ### Execution accuracy, by hand
 
 Build the row's database in memory, run the gold SQL and another SQL, compare the (sorted) result rows."""),
-    code('''row = next(r for r in train if r["family"] == "compare")
+    code('''row = next((r for r in train if r.get("family") == "compare"), train[0])
 print(row["setup_sql"][:300], "...\\n")
 for name in ("chosen", "rejected", "response"):
     print(f"{name:9s}{row[name]:60s} -> {util.execute_sql(row['setup_sql'], row[name])}")
@@ -198,8 +198,8 @@ per token here, and only about a fifth of the positions of a padded batch predic
 
 `tiny` trains the small OPT from scratch; `opt` fine-tunes facebook/opt-350m.""") + [
     code('''tok = util.load_tokenizer(cfg.path("base_actor"))
-train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
-evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
+train = util.load_data(cfg, "sft")                 # Config.sft_data: train.json unless set
+evalset = util.load_data(cfg, "eval")              # Config.eval_data: eval.json unless set
 model = util.load_causal_lm(cfg.path("base_actor"), stage="0_download.ipynb", device=device, cfg=cfg)
 util.check_tokenizer_matches(tok, model)
 print(f"{len(train)} training demos, {len(evalset)} held-out prompts")'''),
@@ -263,6 +263,7 @@ pd.DataFrame([summary])'''),
     code('''metrics = {"preset": cfg.preset, "sft_seconds": sft_seconds, "history": history, **summary,
            "per_family": util.per_family_accuracy(rows)}
 path = util.save_model(model, tok, cfg.path("actor"), metrics)
+util.write_run_record(cfg, "sft", history)          # logs/sft.jsonl and the settings it ran with
 print("saved", path)
 del model
 util.free_memory()          # on a GPU: the memory goes back before the next notebook or stage'''),
@@ -298,8 +299,8 @@ Details that matter:
   budget, `rm_max_rejected=8` reached 0.987 on the held-out pairs below).
 * `rm_freeze_backbone=True` trains the head only (cheaper, weaker).""") + [
     code('''tok = util.load_tokenizer(cfg.path("actor"))
-train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
-evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
+train = util.load_data(cfg, "pref")                # Config.pref_data: train.json unless set
+evalset = util.load_data(cfg, "eval")              # Config.eval_data: eval.json unless set
 # tiny: start from the SFT actor's backbone; opt: from facebook/opt-125m
 init = cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor")
 rm = util.load_score_model(init, device=device, cfg=cfg)
@@ -324,7 +325,7 @@ the last real token, the EOS (`util.last_token_index`), marked ◀ below. `mista
 answer's tokens from the first one that departs from the chosen answer (`util.mistake_positions`):
 the prefix loss ranks each score there below the chosen answer's reward too."""),
     code('''import torch.nn.functional as F
-row = next(r for r in train if r["family"] == "compare")
+row = next((r for r in train if r.get("family") == "compare"), train[0])
 print(row["prompt"])
 batch = util.ranking_batch(util.ranking_examples(tok, [row], cfg), tok.pad_token_id)
 prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in batch)
@@ -391,6 +392,7 @@ print(f"reward offset (mean raw score of SFT answers): {offset:.3f}")
 metrics = {"preset": cfg.preset, "rm_seconds": rm_seconds, "eval_pairwise_acc": acc, "reward_offset": offset,
            "history": history}
 print("saved", util.save_model(rm, tok, cfg.path("critic"), metrics))
+util.write_run_record(cfg, "rm", history)           # logs/rm.jsonl and the settings it ran with
 del rm, actor
 util.free_memory()          # on a GPU: the memory goes back before the next notebook or stage'''),
 ]
@@ -446,7 +448,7 @@ one for the critic. What this section trains is thrown away before the full run.
     code('''import dataclasses
 import torch
 tok, models, opts = util.load_ppo_models(cfg, device)
-prompt_rows = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
+prompt_rows = util.load_data(cfg, "prompt")        # as train_ppo reads them
 prompt_rows = util.fit_rows(tok, prompt_rows, cfg, (), "PPO prompts")   # as train_ppo fits them
 batch = prompt_rows[:8]
 for name, m in models.items():
@@ -607,7 +609,8 @@ changed."""),
     code('''t0 = time.time()
 history = util.train_ppo(cfg, device)
 ppo_seconds = time.time() - t0
-print(f"PPO wall time (this run): {ppo_seconds:.0f} s;  iterations: {len(history)}")'''),
+print(f"PPO wall time (this run): {ppo_seconds:.0f} s;  iterations: {len(history)}")
+util.write_run_record(cfg, "ppo", history)          # logs/ppo.jsonl and the settings it ran with'''),
     code('''h = history
 util.plot_history(h, "iteration", [["rm_score"], ["gold_acc"], ["kl"], ["entropy"]],
                   "what PPO optimises, and what it costs")
@@ -764,8 +767,8 @@ $\pi_{\text{ref}}$; $\log\pi(y\mid x)$ is the sum of the answer tokens' log-prob
 
 What DPO cannot do: it only ever sees the answers in the dataset, never its own samples (it is *offline*).""") + [
     code('''tok = util.load_tokenizer(cfg.path("actor"))
-train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
-evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
+train = util.load_data(cfg, "pref")                # Config.pref_data: train.json unless set
+evalset = util.load_data(cfg, "eval")              # Config.eval_data: eval.json unless set
 actor = util.add_lora(util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
 ref = None if cfg.lora_r else util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
 print(f"{len(train)} preference pairs; beta={cfg.dpo_beta}, loss={cfg.dpo_loss}, LoRA rank={cfg.lora_r}")'''),
@@ -846,6 +849,7 @@ pd.DataFrame({"SFT": {k: sft.get(k) for k in keys}, "DPO": {k: summary[k] for k 
     code('''metrics = {"preset": cfg.preset, "dpo_seconds": dpo_seconds, "beta": cfg.dpo_beta, "loss": cfg.dpo_loss,
            "lora_r": cfg.lora_r, "history": history, **summary, "per_family": util.per_family_accuracy(rows)}
 print("saved", util.save_model(actor, tok, cfg.path("dpo"), metrics))
+util.write_run_record(cfg, "dpo", history)          # logs/dpo.jsonl and the settings it ran with
 del actor, ref, rm, sft_model
 util.free_memory()          # on a GPU: the memory goes back before the next notebook or stage'''),
 ]
@@ -885,9 +889,9 @@ time. Look at the `advantage` column: positive above the group's mean reward, ne
 group whose answers all get the same reward has std 0 and gives every answer 0, no signal."""),
     code('''import torch
 tok = util.load_tokenizer(cfg.path("actor"))
-train = util.load_rows(f"{cfg.data_dir}/train.json", limit=cfg.n_train)
+train = util.load_data(cfg, "prompt")              # as train_grpo reads them
 sft = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)    # the policy at iteration 0
-row = next(r for r in train if r["family"] == "compare")
+row = next((r for r in train if r.get("family") == "compare"), train[0])
 print(row["prompt"], "\\ngold:", row["chosen"])
 group = [row] * cfg.grpo_group_size                  # one prompt, G times, as in grpo_iteration
 util.set_seed(cfg.seed)
@@ -946,7 +950,7 @@ print(f"GRPO wall time: {grpo_seconds:.0f} s")'''),
 pd.DataFrame(history)[cols].iloc[::max(1, len(history) // 10)].round(3)'''),
     md("## The gold metric on held-out prompts, next to SFT"),
     code('''import json
-evalset = util.load_rows(f"{cfg.data_dir}/eval.json", limit=cfg.n_eval)
+evalset = util.load_data(cfg, "eval")
 util.set_seed(cfg.seed)
 rm = util.load_score_model(cfg.path("critic"), device=device, cfg=cfg)
 sft_model = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
@@ -959,6 +963,7 @@ pd.DataFrame({"SFT": {k: sft.get(k) for k in keys}, "GRPO": {k: summary[k] for k
     code('''metrics = {"preset": cfg.preset, "grpo_seconds": grpo_seconds, "lora_r": cfg.lora_r, "history": history,
            **summary, "per_family": util.per_family_accuracy(rows)}
 print("saved", util.save_model(actor, tok, cfg.path("grpo"), metrics))
+util.write_run_record(cfg, "grpo", history)         # logs/grpo.jsonl and the settings it ran with
 del actor, rm, sft_model
 util.free_memory()          # on a GPU: the memory goes back before the next notebook or stage'''),
 ]
