@@ -76,10 +76,14 @@ class Config:
     """Every knob of the pipeline; a preset fills it, a notebook or env var may override fields."""
     preset: str = "tiny"
     seed: int = 0
-    # precision and memory: the weights and optimizer states stay fp32 whatever dtype a checkpoint is stored in
-    precision: str = "auto"                     # auto = bf16 on a GPU that has it, fp16 on older CUDA, else fp32
-    micro_batch_size: int = 0                   # > 0: each optimizer batch runs in micro-batches of this size
-    gradient_checkpointing: bool = False        # recompute activations in the backward pass: less memory, slower
+    # precision and memory: the weights and optimizer states stay fp32 whatever dtype a checkpoint
+    # is stored in
+    # auto = bf16 on a GPU that has it, fp16 on older CUDA, else fp32
+    precision: str = "auto"
+    # > 0: each optimizer batch runs in micro-batches of this size
+    micro_batch_size: int = 0
+    # recompute activations in the backward pass: less memory, slower
+    gradient_checkpointing: bool = False
     data_dir: str = str(ROOT / "dataset")
     # data sources, "" = the shipped files (<data_dir>/train.json, eval.json). A source is a file
     # (.json, .jsonl, .parquet; .txt = one prompt a line, for prompt_data and eval_data) or a hub
@@ -91,7 +95,8 @@ class Config:
     columns: dict = dataclasses.field(default_factory=dict)   # {our field: the source's column}
     out_dir: str = str(ROOT / "model")          # RLHF_OUT moves it (tests use a temp dir)
     tokenizer_dir: str = str(ROOT / "tokenizer")
-    # models: tiny = a small OPT trained from scratch; opt = hub checkpoints (or local dirs laid out like them)
+    # models: tiny = a small OPT trained from scratch; opt = hub checkpoints (or local dirs laid out
+    # like them)
     actor_hub: str = ""
     critic_hub: str = ""
     d_model: int = 128
@@ -113,7 +118,8 @@ class Config:
     rm_lr: float = 1e-3
     rm_freeze_backbone: bool = False
     rm_prefix_weight: float = 1.0
-    rm_max_rejected: int = 1                    # rejected answers per prompt: the row's own, then its more_rejected
+    # rejected answers per prompt: the row's own, then its more_rejected
+    rm_max_rejected: int = 1
     # PPO
     ppo_iterations: int = 60
     rollout_batch_size: int = 64
@@ -121,7 +127,8 @@ class Config:
     ppo_epochs: int = 4
     ppo_lr: float = 3e-5
     ppo_vf_lr: float = 1e-4
-    temperature: float = 0.7                    # rollouts and sampled evaluation use the same temperature
+    # rollouts and sampled evaluation use the same temperature
+    temperature: float = 0.7
     kl_coef: float = 0.2
     kl_estimator: str = "k1"                    # "k1" (log-ratio) or "k3" (unbiased, always >= 0)
     kl_target: float = 0.0                      # > 0 turns on the adaptive KL controller
@@ -149,8 +156,10 @@ class Config:
     grpo_epochs: int = 2
     grpo_lr: float = 5e-5
     grpo_kl_coef: float = 0.04
-    grpo_format_weight: float = 0.2             # weight of the format reward beside execution accuracy
-    grpo_rm_weight: float = 0.0                 # > 0 adds the reward model's score to the verifiable rewards
+    # weight of the format reward beside execution accuracy
+    grpo_format_weight: float = 0.2
+    # > 0 adds the reward model's score to the verifiable rewards
+    grpo_rm_weight: float = 0.0
     # LoRA (peft) for the actor in PPO, DPO and GRPO: 0 = full fine-tuning
     lora_r: int = 0
     lora_alpha: int = 16
@@ -168,26 +177,34 @@ class Config:
 
 PRESETS = {
     # seconds: only checks that every stage runs end to end
-    "smoke": dict(d_model=32, n_layers=1, n_heads=2, n_train=64, n_eval=16, sft_epochs=1, sft_batch_size=16,
-                  rm_epochs=1, rm_batch_size=16, ppo_iterations=2, rollout_batch_size=8, ppo_minibatch_size=4,
-                  ppo_epochs=2, save_every=1, max_response_tokens=24, eval_batch_size=16, dpo_epochs=1,
-                  dpo_batch_size=16, grpo_iterations=2, grpo_prompts=4, grpo_group_size=4, grpo_minibatch_size=8),
+    "smoke": dict(d_model=32, n_layers=1, n_heads=2, n_train=64, n_eval=16, sft_epochs=1,
+                  sft_batch_size=16, rm_epochs=1, rm_batch_size=16, ppo_iterations=2,
+                  rollout_batch_size=8, ppo_minibatch_size=4, ppo_epochs=2, save_every=1,
+                  max_response_tokens=24, eval_batch_size=16, dpo_epochs=1, dpo_batch_size=16,
+                  grpo_iterations=2, grpo_prompts=4, grpo_group_size=4, grpo_minibatch_size=8),
     # minutes on a laptop CPU: a small OPT trained from scratch on the shipped data
     "tiny": dict(),
-    # a GPU and a reachable hub: real OPT checkpoints, fine-tuned. Micro-batches of 8 keep every stage inside a
-    # 16 GB T4 (opt-350m actor + opt-125m critic, fp32 weights and AdamW states) while the global batches stay
-    "opt": dict(actor_hub="facebook/opt-350m", critic_hub="facebook/opt-125m", n_layers=0, d_model=0,
+    # a GPU and a reachable hub: real OPT checkpoints, fine-tuned. Micro-batches of 8 keep every
+    # stage inside a 16 GB T4 (opt-350m actor + opt-125m critic, fp32 weights and AdamW states)
+    # while the global batches stay
+    "opt": dict(actor_hub="facebook/opt-350m", critic_hub="facebook/opt-125m", n_layers=0,
+                d_model=0,
                 max_positions=2048, micro_batch_size=8, eval_batch_size=64,
-                # SFT and RM: Simple_RLHF's OPT recipe (actor lr 2e-5, critic lr 1e-5, 1 RM epoch); DeepSpeed-Chat
-                # trains OPT SFT at 9.65e-6 and its RMs at 5e-5, so these sit inside the published range
-                sft_epochs=2, sft_batch_size=32, sft_lr=2e-5, rm_epochs=1, rm_batch_size=32, rm_lr=1e-5,
-                # PPO: DeepSpeed-Chat's step 3 uses actor 9.65e-6 / critic 5e-6 for OPT-1.3b / 350m; a 350 M actor
-                # with full fine-tuning and 4 PPO epochs per rollout drifts fast, so the actor gets 1e-6 (as
-                # summarize_from_feedback_details' 1 B runs use 3e-6) and the critic, a fresh head, 1e-5
+                # SFT and RM: Simple_RLHF's OPT recipe (actor lr 2e-5, critic lr 1e-5, 1 RM epoch);
+                # DeepSpeed-Chat trains OPT SFT at 9.65e-6 and its RMs at 5e-5, so these sit inside
+                # the published range
+                sft_epochs=2, sft_batch_size=32, sft_lr=2e-5, rm_epochs=1, rm_batch_size=32,
+                rm_lr=1e-5,
+                # PPO: DeepSpeed-Chat's step 3 uses actor 9.65e-6 / critic 5e-6 for OPT-1.3b / 350m;
+                # a 350 M actor with full fine-tuning and 4 PPO epochs per rollout drifts fast, so
+                # the actor gets 1e-6 (as summarize_from_feedback_details' 1 B runs use 3e-6) and
+                # the critic, a fresh head, 1e-5
                 ppo_lr=1e-6, ppo_vf_lr=1e-5,
-                # DPO: Rafailov et al. 2023 (lr 1e-6, batch 64, beta 0.1), also TRL's DPOConfig default lr
+                # DPO: Rafailov et al. 2023 (lr 1e-6, batch 64, beta 0.1), also TRL's DPOConfig
+                # default lr
                 dpo_lr=1e-6, dpo_batch_size=64,
-                # GRPO: Shao et al. 2024 (DeepSeekMath) lr 1e-6 and KL coefficient 0.04, as TRL's GRPOConfig
+                # GRPO: Shao et al. 2024 (DeepSeekMath) lr 1e-6 and KL coefficient 0.04, as TRL's
+                # GRPOConfig
                 grpo_lr=1e-6, grpo_kl_coef=0.04),
 }
 
@@ -203,32 +220,51 @@ def default_preset() -> str:
 
 
 def get_config(preset: str | None = None, **overrides) -> Config:
-    """The config of a preset (default_preset() when None), with RLHF_OUT and explicit overrides applied."""
+    """The config of a preset (default_preset() when None), with RLHF_OUT and explicit overrides
+    applied."""
     preset = preset or default_preset()
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
     fields = {**PRESETS[preset], **overrides}
     if os.environ.get("RLHF_OUT"):
         fields.setdefault("out_dir", os.environ["RLHF_OUT"])
-    if preset == "opt":                         # the hub tokenizer is saved here, beside the shipped one
+    # the hub tokenizer is saved here, beside the shipped one
+    if preset == "opt":
         fields.setdefault("tokenizer_dir", str(ROOT / "tokenizer" / "opt"))
     return Config(preset=preset, **fields)
 
 
-# ============================================================================ device
+def load_config(path_or_dict=None, preset: str | None = None) -> Config:
+    """A Config from a dict or a JSON file of Config fields (its "preset" key picks the preset);
+    unknown keys are an error that names them."""
+    fields = dict(path_or_dict) if isinstance(path_or_dict, dict) else {}
+    if isinstance(path_or_dict, (str, Path)):
+        try:
+            fields = json.loads(Path(path_or_dict).read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path_or_dict}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{path_or_dict}: unknown config field(s) {unknown}; known fields: "
+                         f"{sorted(known)}")
+    return get_config(preset or fields.pop("preset", None),
+                      **{k: v for k, v in fields.items() if k != "preset"})
 
 
 # ============================================================================ tokenizer
 
 
 def encode_batch(tok, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
-    """Token ids of many texts in one tokenizer call (twice as fast as one call each), BOS/EOS added if asked."""
+    """Token ids of many texts in one tokenizer call (twice as fast as one call each), BOS/EOS added
+    if asked."""
     front = [tok.bos_token_id] if bos and tok.bos_token_id is not None else []
     back = [tok.eos_token_id] if eos else []
     if not texts:
         return []
-    # the Rust tokenizer's own batch call gives the same ids as tok(texts) in a third of the time: the wrapper
-    # around it (attention masks, BatchEncoding) costs more than the tokenising; a slow tokenizer has no backend
+    # the Rust tokenizer's own batch call gives the same ids as tok(texts) in a third of the time:
+    # the wrapper around it (attention masks, BatchEncoding) costs more than the tokenising; a slow
+    # tokenizer has no backend
     fast = getattr(getattr(tok, "backend_tokenizer", None), "encode_batch_fast", None)
     ids = ([e.ids for e in fast(list(texts), add_special_tokens=False)] if fast
            else tok(list(texts), add_special_tokens=False)["input_ids"])
@@ -247,21 +283,25 @@ def encode_response(tok, response: str) -> list[int]:
 
 def fit_rows(tok, rows: list[dict], cfg: Config, answers=("response",), what: str = "rows",
              more_rejected: int = 0) -> list[dict]:
-    """The rows whose answers fit max_response_tokens; over-long ones are skipped (a cut answer has no EOS to
-    learn) and over-long prompts are cut to their last max_prompt_tokens tokens, both counted and printed.
-    more_rejected: how many of a row's extra rejected answers the stage uses; the first that fit are kept."""
+    """The rows whose answers fit max_response_tokens; over-long ones are skipped (a cut answer has
+    no EOS to learn) and over-long prompts are cut to their last max_prompt_tokens tokens, both
+    counted and printed. more_rejected: how many of a row's extra rejected answers the stage uses;
+    the first that fit are kept."""
     for i, r in enumerate(rows):
         missing = [k for k in answers if not isinstance(r.get(k), str)]
         if missing:
-            raise DataError(f"{what}: row {i} has no {missing[0]!r} field (this stage needs {list(answers)})")
-    long_prompts = sum(len(p) > cfg.max_prompt_tokens for p in encode_batch(tok, [r["prompt"] for r in rows], bos=True))
+            raise DataError(f"{what}: row {i} has no {missing[0]!r} field (this stage needs "
+                            f"{list(answers)})")
+    prompts = encode_batch(tok, [r["prompt"] for r in rows], bos=True)
+    long_prompts = sum(len(p) > cfg.max_prompt_tokens for p in prompts)
     fits = [True] * len(rows)
     for k in answers:                           # one batched tokenizer call per field
         lengths = [len(a) for a in encode_batch(tok, [r[k] for r in rows], eos=True)]
         fits = [ok and n <= cfg.max_response_tokens for ok, n in zip(fits, lengths)]
     keep, long_extra = [], 0
     for r, ok in zip(rows, fits):
-        if ok and more_rejected and r.get("more_rejected"):    # only a stage that uses them tokenises these
+        # only a stage that uses them tokenises these
+        if ok and more_rejected and r.get("more_rejected"):
             lengths = [len(a) for a in encode_batch(tok, r["more_rejected"], eos=True)]
             fit = [a for a, n in zip(r["more_rejected"], lengths) if n <= cfg.max_response_tokens]
             long_extra += len(r["more_rejected"]) - len(fit)
@@ -272,13 +312,15 @@ def fit_rows(tok, rows: list[dict], cfg: Config, answers=("response",), what: st
         print(f"{what}: {long_prompts} of {len(rows)} prompts are longer than max_prompt_tokens="
               f"{cfg.max_prompt_tokens}: cut to their last {cfg.max_prompt_tokens} tokens")
     if len(keep) < len(rows):
-        print(f"{what}: skipped {len(rows) - len(keep)} of {len(rows)} rows whose {'/'.join(answers)} is longer "
-              f"than max_response_tokens={cfg.max_response_tokens} tokens with EOS (raise it to keep them)")
+        print(f"{what}: skipped {len(rows) - len(keep)} of {len(rows)} rows whose "
+              f"{'/'.join(answers)} is longer than max_response_tokens={cfg.max_response_tokens} "
+              "tokens with EOS (raise it to keep them)")
     if long_extra:
         print(f"{what}: skipped {long_extra} more_rejected answers longer than max_response_tokens="
               f"{cfg.max_response_tokens} tokens with EOS (raise it to keep them)")
     if rows and not keep:
-        raise DataError(f"{what}: every row is longer than max_response_tokens={cfg.max_response_tokens}")
+        raise DataError(f"{what}: every row is longer than "
+                        f"max_response_tokens={cfg.max_response_tokens}")
     return keep
 
 
@@ -286,14 +328,17 @@ def fit_rows(tok, rows: list[dict], cfg: Config, answers=("response",), what: st
 
 
 def add_lora(model, cfg: Config):
-    """With cfg.lora_r > 0, wrap the model in peft LoRA adapters on every linear layer (base weights frozen)."""
+    """With cfg.lora_r > 0, wrap the model in peft LoRA adapters on every linear layer (base weights
+    frozen)."""
     if cfg.lora_r <= 0:
         return model
     from peft import LoraConfig, get_peft_model
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     import warnings
-    with warnings.catch_warnings():             # peft calls a transformers method deprecated in v5: not ours to fix
+    # peft calls a transformers method deprecated in v5: not ours to fix
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, lora)
 
@@ -302,8 +347,8 @@ def add_lora(model, cfg: Config):
 
 
 def reference_model(actor, ref):
-    """The frozen reference policy: the SFT copy `ref`, or with LoRA (ref=None) the actor itself with its
-    adapters switched off, so only one copy of the base weights is held."""
+    """The frozen reference policy: the SFT copy `ref`, or with LoRA (ref=None) the actor itself
+    with its adapters switched off, so only one copy of the base weights is held."""
     import torch
     with torch.no_grad():
         if ref is not None:
@@ -319,7 +364,8 @@ def reference_model(actor, ref):
 def left_pad(seqs: list[list[int]], pad_id: int):
     """(input_ids, attention_mask) with left padding, as generation wants."""
     import torch
-    n = max(len(s) for s in seqs)               # padded as Python lists: one tensor copy, not one per row
+    # padded as Python lists: one tensor copy, not one per row
+    n = max(len(s) for s in seqs)
     ids = torch.tensor([[pad_id] * (n - len(s)) + s for s in seqs], dtype=torch.long)
     mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     return ids, mask
@@ -331,17 +377,22 @@ def encode_prompts(tok, prompts: list[str], max_tokens: int):
     return left_pad(seqs, tok.pad_token_id)
 
 
-def generate(model, tok, prompts: list[str], cfg: Config, greedy: bool = False, temperature: float | None = None):
-    """Batched KV-cached generation: returns (query+response ids [B, Lq+Lr], prompt mask, prompt length)."""
+def generate(model, tok, prompts: list[str], cfg: Config, greedy: bool = False,
+             temperature: float | None = None):
+    """Batched KV-cached generation: returns (query+response ids [B, Lq+Lr], prompt mask, prompt
+    length)."""
     import torch
     ids, mask = encode_prompts(tok, prompts, cfg.max_prompt_tokens)
     device = next(model.parameters()).device
-    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature or cfg.temperature,
-                                                       top_k=0, top_p=1.0)   # pure temperature sampling
+    # greedy, or pure temperature sampling
+    kwargs = dict(do_sample=False) if greedy else dict(
+        do_sample=True, temperature=temperature or cfg.temperature, top_k=0, top_p=1.0)
     with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_response_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True, **kwargs)
-    if out.shape[1] == ids.shape[1]:                          # nothing generated at all: keep one pad column
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=cfg.max_response_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, use_cache=True, **kwargs)
+    # nothing generated at all: keep one pad column
+    if out.shape[1] == ids.shape[1]:
         out = torch.cat([out, torch.full_like(out[:, :1], tok.pad_token_id)], 1)
     return out, mask.to(device), ids.shape[1]
 
@@ -350,7 +401,8 @@ def first_eos_index(responses, eos_id: int):
     """Index of the first EOS in each response; the last index when there is none."""
     import torch
     is_eos = responses == eos_id
-    idx = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], responses.shape[1] - 1, dtype=torch.long))
+    last = torch.full_like(is_eos[:, 0], responses.shape[1] - 1, dtype=torch.long)
+    idx = torch.where(is_eos.any(1), is_eos.int().argmax(1), last)
     return idx.long(), is_eos.any(1)
 
 
@@ -368,8 +420,8 @@ def decode_responses(tok, responses) -> list[str]:
                        skip_special_tokens=True) for r, mk in zip(responses, mask)]
 
 
-def sample_answers(model, tok, prompts: list[str], cfg: Config, greedy: bool = False, batch_size: int = 0,
-                   desc: str = "generating"):
+def sample_answers(model, tok, prompts: list[str], cfg: Config, greedy: bool = False,
+                   batch_size: int = 0, desc: str = "generating"):
     """Answers as text for many prompts, in batches, with a progress bar."""
     out = []
     bs = batch_size or cfg.eval_batch_size
@@ -381,18 +433,22 @@ def sample_answers(model, tok, prompts: list[str], cfg: Config, greedy: bool = F
 
 
 def logprobs_from_logits(logits, tokens, temperature: float = 1.0):
-    """log p(token) under softmax(logits / temperature): the same temperature the tokens were sampled with."""
+    """log p(token) under softmax(logits / temperature): the same temperature the tokens were
+    sampled with."""
     import torch
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def response_logprobs(model, query_responses, attention_mask, context_length: int, temperature: float = 1.0):
+def response_logprobs(model, query_responses, attention_mask, context_length: int,
+                      temperature: float = 1.0):
     """Per-token log-probs of the response part; logits at position t predict token t+1."""
-    # the LM head (vocab-wide: the costliest layer per token here) runs only where a response token is predicted,
-    # not on the prompt: logits_to_keep keeps the last positions, from the prompt's last token on
+    # the LM head (vocab-wide: the costliest layer per token here) runs only where a response token
+    # is predicted, not on the prompt: logits_to_keep keeps the last positions, from the prompt's
+    # last token on
     keep = query_responses.shape[1] - context_length + 1
-    logits = model(input_ids=query_responses, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]
+    logits = model(input_ids=query_responses, attention_mask=attention_mask,
+                   logits_to_keep=keep).logits[:, :-1]
     return logprobs_from_logits(logits, query_responses[:, context_length:], temperature), logits
 
 
@@ -400,7 +456,8 @@ def response_logprobs(model, query_responses, attention_mask, context_length: in
 
 
 def sft_examples(tok, prompts: list[str], responses: list[str], max_prompt: int, max_response: int):
-    """[(input_ids, labels)]: labels copy the response tokens and are -100 on the prompt (no loss there)."""
+    """[(input_ids, labels)]: labels copy the response tokens and are -100 on the prompt (no loss
+    there)."""
     out = []
     for p, r in zip(encode_batch(tok, prompts, bos=True), encode_batch(tok, responses, eos=True)):
         p, r = p[-max_prompt:], r[:max_response]
@@ -409,9 +466,10 @@ def sft_examples(tok, prompts: list[str], responses: list[str], max_prompt: int,
 
 
 def row_examples(tok, rows: list[dict], cfg: Config, key: str = "response"):
-    """sft_examples of each row's prompt -> row[key], cut to the config's prompt and answer lengths."""
-    return sft_examples(tok, [r["prompt"] for r in rows], [r[key] for r in rows], cfg.max_prompt_tokens,
-                        cfg.max_response_tokens)
+    """sft_examples of each row's prompt -> row[key], cut to the config's prompt and answer lengths.
+    """
+    return sft_examples(tok, [r["prompt"] for r in rows], [r[key] for r in rows],
+                        cfg.max_prompt_tokens, cfg.max_response_tokens)
 
 
 def sft_example(tok, prompt: str, response: str, max_prompt: int, max_response: int):
@@ -422,7 +480,8 @@ def sft_example(tok, prompt: str, response: str, max_prompt: int, max_response: 
 def right_pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
     """(input_ids, attention_mask, labels) right-padded; pads get label -100."""
     import torch
-    n = max(len(x) for x, _ in examples)        # padded as Python lists: one tensor copy, not one per row
+    # padded as Python lists: one tensor copy, not one per row
+    n = max(len(x) for x, _ in examples)
     ids = torch.tensor([x + [pad_id] * (n - len(x)) for x, _ in examples], dtype=torch.long)
     labels = torch.tensor([y + [-100] * (n - len(y)) for _, y in examples], dtype=torch.long)
     mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x, _ in examples], dtype=torch.long)
@@ -430,7 +489,8 @@ def right_pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def batches(n: int, batch_size: int, epochs: float, seed: int):
-    """Shuffled index batches covering `epochs` passes over n items (a fraction means a partial last pass)."""
+    """Shuffled index batches covering `epochs` passes over n items (a fraction means a partial last
+    pass)."""
     import torch
     g = torch.Generator().manual_seed(seed)
     total = int(math.ceil(n * epochs / batch_size))
@@ -451,28 +511,31 @@ def make_optimizer(model, lr: float, steps: int, warmup: float = 0.05, weight_de
 
 
 def micro_batches(idx: list, cfg: Config) -> list[list]:
-    """A batch's indices cut into micro-batches of cfg.micro_batch_size (one piece when it is 0): gradients add
-    up over them, so the optimizer sees the whole batch while memory holds one micro-batch."""
+    """A batch's indices cut into micro-batches of cfg.micro_batch_size (one piece when it is 0):
+    gradients add up over them, so the optimizer sees the whole batch while memory holds one
+    micro-batch."""
     n = cfg.micro_batch_size or max(len(idx), 1)
     return [idx[i:i + n] for i in range(0, len(idx), n)]
 
 
 def grad_scaler(cfg: Config, device):
-    """fp16's loss scaler (small fp16 gradients underflow to 0 without it); None in bf16 and fp32."""
+    """fp16's loss scaler (small fp16 gradients underflow to 0 without it); None in bf16 and fp32.
+    """
     import torch
     fp16 = resolve_precision(cfg, device) == "fp16"
     return torch.amp.GradScaler(torch.device(device).type) if fp16 else None
 
 
 def backward(loss, scaler) -> None:
-    """loss.backward(), through accelerate (DDP averages gradients over processes), scaled under fp16."""
+    """loss.backward(), through accelerate (DDP averages gradients over processes), scaled under
+    fp16."""
     accelerator().backward(scaler.scale(loss) if scaler is not None else loss)
 
 
 def optimizer_step(pairs, cfg: Config, scaler, what: str, step) -> float:
-    """Clip each model's gradient norm to max_grad_norm, then step each (optimizer, model) pair; returns the
-    summed norm. A NaN/inf gradient stops the run, except under fp16 loss scaling where it is expected now and
-    then: the scaler skips that step and lowers its scale."""
+    """Clip each model's gradient norm to max_grad_norm, then step each (optimizer, model) pair;
+    returns the summed norm. A NaN/inf gradient stops the run, except under fp16 loss scaling where
+    it is expected now and then: the scaler skips that step and lowers its scale."""
     import torch
     if scaler is not None:
         for opt, _ in pairs:
@@ -480,7 +543,8 @@ def optimizer_step(pairs, cfg: Config, scaler, what: str, step) -> float:
     norm = sum(float(torch.nn.utils.clip_grad_norm_(unwrap(m).parameters(), cfg.max_grad_norm))
                for _, m in pairs)
     if scaler is None:
-        check_finite(norm, f"{what} gradient norm", step)   # a finite loss can still give inf gradients
+        # a finite loss can still give inf gradients
+        check_finite(norm, f"{what} gradient norm", step)
     for opt, _ in pairs:
         scaler.step(opt) if scaler is not None else opt.step()
     if scaler is not None:
@@ -489,12 +553,13 @@ def optimizer_step(pairs, cfg: Config, scaler, what: str, step) -> float:
 
 
 def label_logits(model, ids, mask, labels):
-    """(logits, predicts): logits at the positions that predict a labelled token only, as one (tokens, vocab)
-    tensor, and the (rows, length - 1) mask of those positions. The LM head (vocab-wide: the costliest layer per
-    token here) skips the prompt and the pads, most of each row."""
+    """(logits, predicts): logits at the positions that predict a labelled token only, as one
+    (tokens, vocab) tensor, and the (rows, length - 1) mask of those positions. The LM head
+    (vocab-wide: the costliest layer per token here) skips the prompt and the pads, most of each
+    row."""
     predicts = labels[:, 1:] != -100            # position t predicts token t+1
-    # cut the head's input inside an ordinary forward: through an accelerate (DDP) wrapper, which syncs gradients
-    # only that way
+    # cut the head's input inside an ordinary forward: through an accelerate (DDP) wrapper, which
+    # syncs gradients only that way
     head = unwrap(model).get_output_embeddings()
     hook = head.register_forward_pre_hook(lambda module, args: (args[0][:, :-1][predicts],))
     try:
@@ -524,9 +589,28 @@ def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) ->
     return tot / n if n else float("nan")      # no held-out answers: no loss to show, not 0
 
 
-def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 25) -> list[dict]:
-    """Supervised fine-tuning on prompt -> response demos; returns the loss history (held-out loss on up to
-    200 eval rows, n_logs times)."""
+def sft_step(model, wrapped, tok, opt, scaler, batch: list, cfg: Config, device,
+             step: int) -> float:
+    """One optimizer step of SFT on a batch of examples, in micro-batches; returns its loss."""
+    parts = [right_pad_batch(p, tok.pad_token_id) for p in micro_batches(batch, cfg)]
+    n_answer = [int((labels[:, 1:] != -100).sum()) for _, _, labels in parts]
+    opt.zero_grad(set_to_none=True)
+    loss = 0.0
+    for b, n in zip(parts, n_answer):
+        # each micro-batch's token-mean weighted by its share of the answer tokens: the parts add
+        # up to the whole batch's token-mean, and so do their gradients
+        part = sft_loss(wrapped, b, device) * (n / max(sum(n_answer), 1))
+        check_finite(part, "SFT loss", step)
+        backward(part, scaler)
+        loss += float(part.detach())
+    optimizer_step([(opt, model)], cfg, scaler, "SFT", step)
+    return loss
+
+
+def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device,
+              n_logs: int = 25) -> list[dict]:
+    """Supervised fine-tuning on prompt -> response demos; returns the loss history (held-out loss
+    on up to 200 eval rows, n_logs times)."""
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
     train_rows = fit_rows(tok, demonstrations(train_rows, "SFT training rows"), cfg, ("response",),
@@ -539,38 +623,32 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: in
     plan = batches(len(ex), cfg.sft_batch_size, cfg.sft_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.sft_lr, len(plan), weight_decay=0.01)
-    wrapped, scaler = accelerator().prepare(model), grad_scaler(cfg, device)   # DDP only with N processes
+    # DDP only with N processes
+    wrapped, scaler = accelerator().prepare(model), grad_scaler(cfg, device)
     history, run = [], []
     bar = progress(plan, desc="SFT")
-    with stop_cleanly("SFT", cfg, ("sft_batch_size",), lambda: kept_model(cfg.path("actor")), model):
+    with stop_cleanly("SFT", cfg, ("sft_batch_size",), lambda: kept_model(cfg.path("actor")),
+                      model):
         for step, idx in enumerate(bar, 1):
             model.train()
-            parts = [right_pad_batch([ex[i] for i in p], tok.pad_token_id) for p in micro_batches(my_share(idx), cfg)]
-            n_answer = [int((labels[:, 1:] != -100).sum()) for _, _, labels in parts]
-            opt.zero_grad(set_to_none=True)
-            loss = 0.0
-            for b, n in zip(parts, n_answer):
-                # each micro-batch's token-mean weighted by its share of the answer tokens: the parts add up
-                # to the whole batch's token-mean, and so do their gradients
-                part = sft_loss(wrapped, b, device) * (n / max(sum(n_answer), 1))
-                check_finite(part, "SFT loss", step)
-                backward(part, scaler)
-                loss += float(part.detach())
-            optimizer_step([(opt, model)], cfg, scaler, "SFT", step)
+            batch = [ex[i] for i in my_share(idx)]
+            run.append(sft_step(model, wrapped, tok, opt, scaler, batch, cfg, device, step))
             sched.step()
-            run.append(loss)
             if step % log_every == 0 or step == len(plan):
-                rec = {"step": step, "epoch": step * cfg.sft_batch_size / len(ex), "train_loss": sum(run) / len(run),
+                rec = {"step": step, "epoch": step * cfg.sft_batch_size / len(ex),
+                       "train_loss": sum(run) / len(run),
                        "eval_loss": eval_sft_loss(model, ev, tok.pad_token_id, device)}
                 history.append(rec)
                 run = []
-                bar.set_postfix(train=f"{rec['train_loss']:.3f}", eval=f"{rec['eval_loss']:.3f}", refresh=False)
+                bar.set_postfix(train=f"{rec['train_loss']:.3f}", eval=f"{rec['eval_loss']:.3f}",
+                                refresh=False)
     model.eval()
     return history
 
 
 def check_finite(loss, what: str, step) -> None:
-    """Stop with a clear message on a NaN/inf loss instead of training on garbage (`step`: a number or a phrase)."""
+    """Stop with a clear message on a NaN/inf loss instead of training on garbage (`step`: a number
+    or a phrase)."""
     value = float(loss.detach() if hasattr(loss, "detach") else loss)
     if not math.isfinite(value):
         at = f"step {step}" if isinstance(step, int) else step
@@ -582,7 +660,8 @@ def check_finite(loss, what: str, step) -> None:
 
 
 def last_token_index(attention_mask):
-    """Index of the last real token of each row, for left or right padding (the EOS of the answer)."""
+    """Index of the last real token of each row, for left or right padding (the EOS of the answer).
+    """
     import torch
     pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (pos[None] * attention_mask).argmax(1)
@@ -590,10 +669,12 @@ def last_token_index(attention_mask):
 
 def token_scores(model, input_ids, attention_mask, cache=None):
     """The scalar head applied at every position: per-token values for the PPO critic (fp32)."""
-    # the model's own output keeps the last position only, so catch the head's full output during an ordinary
-    # forward: the call still goes through an accelerate (DDP) wrapper, which syncs gradients only that way
+    # the model's own output keeps the last position only, so catch the head's full output during an
+    # ordinary forward: the call still goes through an accelerate (DDP) wrapper, which syncs
+    # gradients only that way
     seen = []
-    hook = unwrap(model).score.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    hook = unwrap(model).score.register_forward_hook(
+        lambda module, inputs, output: seen.append(output))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, cache=cache)
     finally:
@@ -604,12 +685,13 @@ def token_scores(model, input_ids, attention_mask, cache=None):
 def at_last_token(per_token, attention_mask):
     """Per-token scores read at the last real token of each row (the EOS, not a pad after it)."""
     import torch
-    return per_token[torch.arange(len(per_token), device=per_token.device), last_token_index(attention_mask)]
+    rows = torch.arange(len(per_token), device=per_token.device)
+    return per_token[rows, last_token_index(attention_mask)]
 
 
 def reward_scores(model, input_ids, attention_mask, normalized: bool = True):
-    """The reward: the head's output read at the last real token, minus the stored offset that makes the SFT
-    policy's mean score 0."""
+    """The reward: the head's output read at the last real token, minus the stored offset that makes
+    the SFT policy's mean score 0."""
     s = at_last_token(token_scores(model, input_ids, attention_mask), attention_mask)
     return s - getattr(model.config, "reward_offset", 0.0) if normalized else s
 
@@ -621,7 +703,8 @@ def pairwise_loss(r_chosen, r_rejected):
 
 
 def mistake_positions(ids_chosen, ids_rejected, mask_chosen, mask_rejected):
-    """1 on the rejected tokens from the first one that departs from the chosen answer up to its EOS."""
+    """1 on the rejected tokens from the first one that departs from the chosen answer up to its
+    EOS."""
     import torch
     differs = (ids_chosen != ids_rejected) & ((mask_chosen + mask_rejected) > 0)
     first = differs.int().argmax(1)
@@ -636,41 +719,49 @@ def rm_batch(tok, rows, cfg: Config, key: str):
 
 
 def ranking_examples(tok, rows: list[dict], cfg: Config) -> list[tuple[list[int], list[list[int]]]]:
-    """Each row tokenised: its prompt ids and its answers [chosen, rejected, *more_rejected] (up to rm_max_rejected
-    rejected ones), each with EOS."""
-    answers = [[r["chosen"], r["rejected"], *r.get("more_rejected", [])][:cfg.rm_max_rejected + 1] for r in rows]
-    ids = encode_batch(tok, [a for row in answers for a in row], eos=True)     # every answer in one call
+    """Each row tokenised: its prompt ids and its answers [chosen, rejected, *more_rejected] (up to
+    rm_max_rejected rejected ones), each with EOS."""
+    answers = [[r["chosen"], r["rejected"], *r.get("more_rejected", [])][:cfg.rm_max_rejected + 1]
+               for r in rows]
+    # every answer in one call
+    ids = encode_batch(tok, [a for row in answers for a in row], eos=True)
     out, i = [], 0
     for p, row in zip(encode_batch(tok, [r["prompt"] for r in rows], bos=True), answers):
-        out.append((p[-cfg.max_prompt_tokens:], [a[:cfg.max_response_tokens] for a in ids[i:i + len(row)]]))
+        out.append((p[-cfg.max_prompt_tokens:],
+                    [a[:cfg.max_response_tokens] for a in ids[i:i + len(row)]]))
         i += len(row)
     return out
 
 
 def ranking_batch(examples: list[tuple[list[int], list[list[int]]]], pad_id: int):
-    """Each prompt once, left-padded, and its answers right-padded: (prompt ids, prompt mask, answer ids, answer
-    mask, row of each answer, and for each pair the index of its chosen and of its rejected answer)."""
+    """Each prompt once, left-padded, and its answers right-padded: (prompt ids, prompt mask, answer
+    ids, answer mask, row of each answer, and for each pair the index of its chosen and of its
+    rejected answer)."""
     import torch
     prompt_ids, prompt_mask = left_pad([p for p, _ in examples], pad_id)
     answers, owner, chosen, rejected = [], [], [], []
     for i, (_, row_answers) in enumerate(examples):
         for j, a in enumerate(row_answers):
-            if j:                               # answer 0 is the chosen one, every later one is a rejected one
+            # answer 0 is the chosen one, every later one is a rejected one
+            if j:
                 chosen.append(len(answers) - j)
                 rejected.append(len(answers))
             answers.append(a)
             owner.append(i)
     ids, mask, _ = right_pad_batch([(a, a) for a in answers], pad_id)
-    return prompt_ids, prompt_mask, ids, mask, torch.tensor(owner), torch.tensor(chosen), torch.tensor(rejected)
+    return (prompt_ids, prompt_mask, ids, mask, torch.tensor(owner), torch.tensor(chosen),
+            torch.tensor(rejected))
 
 
 def shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner):
-    """Per-token scores of answers that share prompts: each prompt runs through the model once and its cached
-    keys/values serve all its answers (InstructGPT's trick: K answers cost one prompt, not K)."""
+    """Per-token scores of answers that share prompts: each prompt runs through the model once and
+    its cached keys/values serve all its answers (InstructGPT's trick: K answers cost one prompt,
+    not K)."""
     import torch
     full_mask = torch.cat([prompt_mask[owner], mask], 1)
     if unwrap(model).is_activation_checkpointing and unwrap(model).training:
-        # gradient checkpointing returns no cache in training: read each prompt again with each of its answers
+        # gradient checkpointing returns no cache in training: read each prompt again with each of
+        # its answers
         ids = torch.cat([prompt_ids[owner], ids], 1)
         return token_scores(model, ids, full_mask)[:, prompt_ids.shape[1]:]
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
@@ -678,38 +769,44 @@ def shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner):
     return token_scores(model, ids, full_mask, cache=out.cache)
 
 
-def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config, device, normalized=True, batch_size=128):
+def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config, device,
+                normalized=True, batch_size=128):
     """Reward of each (prompt, answer) pair."""
     import torch
     model.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            rows = [{"prompt": p, "x": a} for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
+            rows = [{"prompt": p, "x": a}
+                    for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
             ids, mask = rm_batch(tok, rows, cfg, "x")
             out += reward_scores(model, ids.to(device), mask.to(device), normalized).tolist()
     return out
 
 
 def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
-    """(chosen scores, rejected scores), raw, for many rows, no gradient; each prompt is read once."""
+    """(chosen scores, rejected scores), raw, for many rows, no gradient; each prompt is read once.
+    """
     import torch
     one_pair = dataclasses.replace(cfg, rm_max_rejected=1)
     model.eval()
     chosen, rejected = [], []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            batch = ranking_batch(ranking_examples(tok, rows[i:i + batch_size], one_pair), tok.pad_token_id)
+            examples = ranking_examples(tok, rows[i:i + batch_size], one_pair)
+            batch = ranking_batch(examples, tok.pad_token_id)
             prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in batch)
-            s = at_last_token(shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner), mask)
+            per_token = shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner)
+            s = at_last_token(per_token, mask)
             chosen += s[c].tolist()
             rejected += s[r].tolist()
     return chosen, rejected
 
 
 def reward_loss(model, prompt_ids, prompt_mask, ids, mask, owner, c, r, prefix_weight: float = 0.0):
-    """(loss, chosen scores, rejected scores) of one ranking_batch: the pairwise loss of every (chosen, rejected)
-    pair, plus prefix_weight times the same loss on each rejected prefix that already holds the mistake."""
+    """(loss, chosen scores, rejected scores) of one ranking_batch: the pairwise loss of every
+    (chosen, rejected) pair, plus prefix_weight times the same loss on each rejected prefix that
+    already holds the mistake."""
     import torch
     # every answer of a prompt (chosen, its rejected ones) in one pass that reads the prompt once
     per_token = shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner)
@@ -717,16 +814,40 @@ def reward_loss(model, prompt_ids, prompt_mask, ids, mask, owner, c, r, prefix_w
     rc, rr = s[c], s[r]                         # one (chosen, rejected) pair per rejected answer
     loss = pairwise_loss(rc, rr)
     if prefix_weight > 0:
-        # rank every rejected prefix that already contains the mistake below the chosen answer too: the model
-        # is told *where* the error is, not only that the answer is worse overall
+        # rank every rejected prefix that already contains the mistake below the chosen answer too:
+        # the model is told *where* the error is, not only that the answer is worse overall
         after = mistake_positions(ids[c], ids[r], mask[c], mask[r])
         pre = -torch.nn.functional.logsigmoid(rc[:, None] - per_token[r])
         loss = loss + prefix_weight * masked_mean(pre, after)
     return loss, rc.detach(), rr.detach()
 
 
-def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 10) -> list[dict]:
-    """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up to 200 pairs)."""
+def reward_step(model, wrapped, tok, opt, scaler, batch: list, cfg: Config, device,
+                step: int) -> tuple[float, float]:
+    """One optimizer step of the reward model on a batch of ranking examples, in micro-batches;
+    returns (loss, share of pairs ranked right)."""
+    parts = micro_batches(batch, cfg)
+    n_pairs = [sum(len(ex[1]) - 1 for ex in p) for p in parts]
+    opt.zero_grad(set_to_none=True)
+    loss, right = 0.0, 0.0
+    for p, n in zip(parts, n_pairs):
+        tensors = (t.to(device) for t in ranking_batch(p, tok.pad_token_id))
+        part, rc, rr = reward_loss(wrapped, *tensors, cfg.rm_prefix_weight)
+        # the micro-batch's share of the batch's pairs: exact for the pairwise loss; the prefix
+        # term (a mean over mistake positions) is weighted the same way, which is close but not
+        # exact
+        part = part * (n / sum(n_pairs))
+        check_finite(part, "reward loss", step)
+        backward(part, scaler)
+        loss, right = loss + float(part.detach()), right + float((rc > rr).sum())
+    optimizer_step([(opt, model)], cfg, scaler, "reward", step)
+    return loss, right / sum(n_pairs)
+
+
+def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device,
+                 n_logs: int = 10) -> list[dict]:
+    """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up
+    to 200 pairs)."""
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
     pair = ("chosen", "rejected")
@@ -737,48 +858,40 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device, n_logs:
                           cfg, pair, "reward-model held-out pairs")
     print(f"reward model: {len(train_rows)} training pairs used, {len(curve_rows)} held-out pairs "
           "for the curve")
-    if cfg.rm_freeze_backbone:                  # train the head only (cheap, less overfitting, weaker)
+    if cfg.rm_freeze_backbone:      # train the head only (cheap, less overfitting, weaker)
         for p in getattr(model, model.base_model_prefix).parameters():
             p.requires_grad_(False)
     examples = ranking_examples(tok, train_rows, cfg)      # tokenise once, not once per epoch
     plan = batches(len(train_rows), cfg.rm_batch_size, cfg.rm_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.rm_lr, len(plan))
-    wrapped, scaler = accelerator().prepare(model), grad_scaler(cfg, device)   # DDP only with N processes
+    # DDP only with N processes
+    wrapped, scaler = accelerator().prepare(model), grad_scaler(cfg, device)
     history, run = [], []
     bar = progress(plan, desc="reward model")
-    with stop_cleanly("reward model", cfg, ("rm_batch_size",), lambda: kept_model(cfg.path("critic")), model):
+    with stop_cleanly("reward model", cfg, ("rm_batch_size",),
+                      lambda: kept_model(cfg.path("critic")), model):
         for step, idx in enumerate(bar, 1):
             model.train()
-            parts = micro_batches(my_share(idx), cfg)
-            n_pairs = [sum(len(examples[i][1]) - 1 for i in p) for p in parts]
-            opt.zero_grad(set_to_none=True)
-            loss, right = 0.0, 0.0
-            for p, n in zip(parts, n_pairs):
-                batch = (t.to(device) for t in ranking_batch([examples[i] for i in p], tok.pad_token_id))
-                part, rc, rr = reward_loss(wrapped, *batch, cfg.rm_prefix_weight)
-                # the micro-batch's share of the batch's pairs: exact for the pairwise loss; the prefix term
-                # (a mean over mistake positions) is weighted the same way, which is close but not exact
-                part = part * (n / sum(n_pairs))
-                check_finite(part, "reward loss", step)
-                backward(part, scaler)
-                loss, right = loss + float(part.detach()), right + float((rc > rr).sum())
-            optimizer_step([(opt, model)], cfg, scaler, "reward", step)
+            batch = [examples[i] for i in my_share(idx)]
+            run.append(reward_step(model, wrapped, tok, opt, scaler, batch, cfg, device, step))
             sched.step()
-            run.append((loss, right / sum(n_pairs)))
             if step % log_every == 0 or step == len(plan):
                 c, r = score_pairs(model, tok, curve_rows, cfg, device)
-                rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run), "train_acc": sum(a for _, a in run) / len(run),
+                rec = {"step": step, "train_loss": sum(x for x, _ in run) / len(run),
+                       "train_acc": sum(a for _, a in run) / len(run),
                        "eval_acc": sum(a > b for a, b in zip(c, r)) / len(c) if c else float("nan")}
                 history.append(rec)
                 run = []
-                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}", refresh=False)
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", eval_acc=f"{rec['eval_acc']:.3f}",
+                                refresh=False)
     model.eval()
     return history
 
 
 def set_reward_offset(model, tok, prompts, policy_answers, cfg: Config, device) -> float:
-    """Normalise: store in the config the mean raw score of the SFT policy's answers, so that mean becomes 0."""
+    """Normalise: store in the config the mean raw score of the SFT policy's answers, so that mean
+    becomes 0."""
     raw = score_texts(model, tok, prompts, policy_answers, cfg, device, normalized=False)
     model.config.reward_offset = float(sum(raw) / len(raw))
     return model.config.reward_offset
@@ -1102,13 +1215,15 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
 
 
 def pair_batch(tok, rows, cfg: Config):
-    """One right-padded SFT-style batch: the chosen answers of `rows`, then their rejected answers."""
-    return right_pad_batch(row_examples(tok, rows, cfg, "chosen") + row_examples(tok, rows, cfg, "rejected"),
-                           tok.pad_token_id)
+    """One right-padded SFT-style batch: the chosen answers of `rows`, then their rejected answers.
+    """
+    examples = row_examples(tok, rows, cfg, "chosen") + row_examples(tok, rows, cfg, "rejected")
+    return right_pad_batch(examples, tok.pad_token_id)
 
 
 def answer_logprobs(model, ids, mask, labels):
-    """log pi(answer | prompt) of each row: the sum of the log-probs of its labelled (answer) tokens."""
+    """log pi(answer | prompt) of each row: the sum of the log-probs of its labelled (answer)
+    tokens."""
     import torch
     logits, predicts = label_logits(model, ids, mask, labels)
     logp = logprobs_from_logits(logits, labels[:, 1:][predicts])
@@ -1119,10 +1234,12 @@ def answer_logprobs(model, ids, mask, labels):
 def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid"):
     """DPO loss and the implicit rewards beta * log(pi / pi_ref) of chosen and rejected answers."""
     import torch.nn.functional as F
-    h = (logp_c - ref_c) - (logp_r - ref_r)       # how much more the policy prefers chosen than the reference does
+    # how much more the policy prefers chosen than the reference does
+    h = (logp_c - ref_c) - (logp_r - ref_r)
     if loss_type == "sigmoid":                     # DPO: Bradley-Terry on the implicit rewards
         loss = -F.logsigmoid(beta * h)
-    elif loss_type == "ipo":                       # IPO: regress h to 1/(2 beta) instead of pushing it to infinity
+    # IPO: regress h to 1/(2 beta) instead of pushing it to infinity
+    elif loss_type == "ipo":
         loss = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown dpo_loss {loss_type!r}: use 'sigmoid' or 'ipo'")
@@ -1149,10 +1266,40 @@ def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int =
     return {"eval_reward_acc": sum(acc) / len(acc), "eval_margin": sum(margin) / len(margin)}
 
 
-def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_logs: int = 20) -> list[dict]:
-    """Direct preference optimisation on (prompt, chosen, rejected) against a frozen reference (ref=None: the
-    model's own weights with LoRA adapters off); returns the history (held-out stats on up to 200 pairs)."""
+def dpo_step(model, wrapped, ref, tok, opt, scaler, rows: list[dict], cfg: Config, device,
+             step: int) -> list[float]:
+    """One optimizer step of DPO on a batch of pairs, in micro-batches; returns [loss, reward
+    accuracy, margin, chosen reward, rejected reward]."""
     import torch
+    opt.zero_grad(set_to_none=True)
+    loss_sum, pair_stats = 0.0, []
+    for part in micro_batches(rows, cfg):
+        ids, mask, labels = (t.to(device) for t in pair_batch(tok, part, cfg))
+        with reference_model(model, ref) as r:
+            ref_lp = answer_logprobs(r, ids, mask, labels)
+        lp = answer_logprobs(wrapped, ids, mask, labels)
+        k = len(part)
+        loss, rc, rr = dpo_loss(lp[:k], lp[k:], ref_lp[:k], ref_lp[k:], cfg.dpo_beta,
+                                cfg.dpo_loss)
+        if cfg.dpo_sft_weight > 0:
+            # DPO alone may lower the chosen answer's probability too (only the gap counts); an
+            # SFT term on the chosen answer holds it up (per-token mean, as in SFT)
+            n_tokens = (labels[:k, 1:] != -100).sum(1).clamp(min=1)
+            loss = loss + cfg.dpo_sft_weight * (-lp[:k] / n_tokens).mean()
+        loss = loss * (k / len(rows))           # the micro-batch's share of the batch's pairs
+        check_finite(loss, "DPO loss", step)
+        backward(loss, scaler)
+        loss_sum += float(loss.detach())
+        pair_stats.append(torch.stack([(rc > rr).float(), rc - rr, rc, rr]))
+    optimizer_step([(opt, model)], cfg, scaler, "DPO", step)
+    return [loss_sum, *torch.cat(pair_stats, 1).mean(1).tolist()]
+
+
+def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device,
+              n_logs: int = 20) -> list[dict]:
+    """Direct preference optimisation on (prompt, chosen, rejected) against a frozen reference
+    (ref=None: the model's own weights with LoRA adapters off); returns the history (held-out stats
+    on up to 200 pairs)."""
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
     pair = ("chosen", "rejected")
@@ -1164,57 +1311,41 @@ def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device, n_log
     plan = batches(len(train_rows), cfg.dpo_batch_size, cfg.dpo_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
     opt, sched = make_optimizer(model, cfg.dpo_lr, len(plan))
-    wrapped, scaler = accelerator().prepare(model), grad_scaler(cfg, device)   # DDP only with N processes
+    # DDP only with N processes
+    wrapped, scaler = accelerator().prepare(model), grad_scaler(cfg, device)
     history, run = [], []
     bar = progress(plan, desc="DPO")
     with stop_cleanly("DPO", cfg, ("dpo_batch_size",), lambda: kept_model(cfg.path("dpo")), model):
         for step, idx in enumerate(bar, 1):
             model.train()
-            mine = my_share(idx)
-            opt.zero_grad(set_to_none=True)
-            loss_sum, pair_stats = 0.0, []
-            for p in micro_batches(mine, cfg):
-                part = [train_rows[i] for i in p]
-                ids, mask, labels = (t.to(device) for t in pair_batch(tok, part, cfg))
-                with reference_model(model, ref) as r:
-                    ref_lp = answer_logprobs(r, ids, mask, labels)
-                lp = answer_logprobs(wrapped, ids, mask, labels)
-                k = len(part)
-                loss, rc, rr = dpo_loss(lp[:k], lp[k:], ref_lp[:k], ref_lp[k:], cfg.dpo_beta, cfg.dpo_loss)
-                if cfg.dpo_sft_weight > 0:
-                    # DPO alone may lower the chosen answer's probability too (only the gap counts); an SFT
-                    # term on the chosen answer holds it up (per-token mean, as in SFT)
-                    n_tokens = (labels[:k, 1:] != -100).sum(1).clamp(min=1)
-                    loss = loss + cfg.dpo_sft_weight * (-lp[:k] / n_tokens).mean()
-                loss = loss * (k / len(mine))           # the micro-batch's share of the batch's pairs
-                check_finite(loss, "DPO loss", step)
-                backward(loss, scaler)
-                loss_sum += float(loss.detach())
-                pair_stats.append(torch.stack([(rc > rr).float(), rc - rr, rc, rr]))
-            optimizer_step([(opt, model)], cfg, scaler, "DPO", step)
+            rows = [train_rows[i] for i in my_share(idx)]
+            run.append(dpo_step(model, wrapped, ref, tok, opt, scaler, rows, cfg, device, step))
             sched.step()
-            run.append([loss_sum, *torch.cat(pair_stats, 1).mean(1).tolist()])
             if step % log_every == 0 or step == len(plan):
                 mean = [sum(col) / len(run) for col in zip(*run)]
-                rec = {"step": step, "epoch": step * cfg.dpo_batch_size / len(train_rows), "train_loss": mean[0],
-                       "train_reward_acc": mean[1], "train_margin": mean[2], "chosen_reward": mean[3],
-                       "rejected_reward": mean[4], **dpo_pair_stats(model, ref, tok, eval_rows[:200], cfg, device)}
+                rec = {"step": step, "epoch": step * cfg.dpo_batch_size / len(train_rows),
+                       "train_loss": mean[0], "train_reward_acc": mean[1], "train_margin": mean[2],
+                       "chosen_reward": mean[3], "rejected_reward": mean[4],
+                       **dpo_pair_stats(model, ref, tok, eval_rows[:200], cfg, device)}
                 history.append(rec)
                 run = []
-                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['eval_reward_acc']:.3f}", refresh=False)
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}",
+                                acc=f"{rec['eval_reward_acc']:.3f}", refresh=False)
     model.eval()
     return history
 
 
 def exec_rewards(rows, texts) -> list[float]:
-    """Verifiable reward: 1 when the answer's result in sqlite equals the gold query's result, else 0."""
+    """Verifiable reward: 1 when the answer's result in sqlite equals the gold query's result, else
+    0."""
     # a row without setup_sql gets 0: the same for its whole group, so GRPO takes no signal from it
     return [float("setup_sql" in r and execution_match(r["setup_sql"], r["chosen"], t))
             for r, t in zip(rows, texts)]
 
 
 def format_rewards(rows, texts, has_eos) -> list[float]:
-    """Format reward: 1 for a single SELECT statement that sqlite runs without error and that ends with EOS."""
+    """Format reward: 1 for a single SELECT statement that sqlite runs without error and that ends
+    with EOS."""
     out = []
     for r, t, eos in zip(rows, texts, has_eos):
         ok = (bool(eos) and "setup_sql" in r and t.strip().upper().startswith("SELECT")
@@ -1224,33 +1355,36 @@ def format_rewards(rows, texts, has_eos) -> list[float]:
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-4):
-    """GRPO's advantage: each answer's reward minus its group's mean, over the group's std (a group = the
-    answers to one prompt); a group whose answers all score the same gives 0, i.e. no signal."""
+    """GRPO's advantage: each answer's reward minus its group's mean, over the group's std (a group
+    = the answers to one prompt); a group whose answers all score the same gives 0, i.e. no signal.
+    """
     r = rewards.view(-1, group_size)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange: float, kl_coef: float):
-    """(loss, per-token KL, ratio) of GRPO: PPO's clipped surrogate with one advantage per answer, plus
-    kl_coef times the k3 KL to the reference inside the loss; a mean over each answer's tokens, then answers."""
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange: float,
+              kl_coef: float):
+    """(loss, per-token KL, ratio) of GRPO: PPO's clipped surrogate with one advantage per answer,
+    plus kl_coef times the k3 KL to the reference inside the loss; a mean over each answer's tokens,
+    then answers."""
     import torch
     # the log-probs are masked before anything is exponentiated: after the EOS they score pads, and
-    # exp(ref - policy) of such a position can overflow to inf, which a mask applied afterwards turns into NaN
+    # exp(ref - policy) of such a position can overflow to inf, which a mask applied afterwards
+    # turns into NaN
     logprobs, old_logprobs, ref_logprobs = logprobs * mask, old_logprobs * mask, ref_logprobs * mask
     ratio = torch.exp(logprobs - old_logprobs)
     a = advantages[:, None]                     # one advantage for every token of an answer
     pg = -torch.min(ratio * a, ratio.clamp(1 - cliprange, 1 + cliprange) * a)
-    kl = kl_per_token(logprobs, ref_logprobs, "k3")        # k3 >= 0: a penalty in the loss, not the reward
+    # k3 >= 0: a penalty in the loss, not the reward
+    kl = kl_per_token(logprobs, ref_logprobs, "k3")
     loss = masked_mean(pg + kl_coef * kl, mask, dim=1).mean()
     return loss, kl, ratio
 
 
-def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config, scaler=None) -> dict:
-    """One GRPO iteration: sample a group per prompt, reward, group-relative advantages, clipped updates with
-    a k3 KL penalty to the reference inside the loss; returns its log record."""
+def grpo_samples(actor, ref, rm, tok, group: list[dict], cfg: Config) -> dict:
+    """One answer sampled per row of `group`, its rewards (execution, format, RM if weighted) and,
+    without gradients, its log-probs under the policy and the reference."""
     import torch
-    t0 = time.time()
-    group = [r for r in rows for _ in range(cfg.grpo_group_size)]      # each prompt repeated G times, adjacent
     qr, prompt_mask, lq = generate(actor, tok, [r["prompt"] for r in group], cfg)
     responses = qr[:, lq:]
     mask = response_mask(responses, tok.eos_token_id).float()
@@ -1266,39 +1400,66 @@ def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config, scaler=None) -> 
             ref_logprobs, _ = response_logprobs(r, qr, attn, lq, cfg.temperature)
         if rm is not None and cfg.grpo_rm_weight > 0:
             rewards = rewards + cfg.grpo_rm_weight * reward_scores(rm, qr, attn).cpu()
-    adv = group_advantages(rewards, cfg.grpo_group_size).to(qr.device)
-    t1 = time.time()
+    return {"qr": qr, "attn": attn, "lq": lq, "mask": mask, "has_eos": has_eos, "texts": texts,
+            "acc": acc, "fmt": fmt, "rewards": rewards, "old_logprobs": old_logprobs,
+            "ref_logprobs": ref_logprobs}
+
+
+def grpo_update(actor, opt, s: dict, adv, cfg: Config, scaler=None) -> dict:
+    """grpo_epochs passes of clipped updates over shuffled minibatches of the samples `s`; the mean
+    loss, KL and clip fraction."""
+    import torch
     stats = {k: [] for k in ("loss", "kl", "clipfrac")}
     actor.train()
     for epoch in range(cfg.grpo_epochs):
-        perm = torch.randperm(len(group))
-        for start in range(0, len(group), cfg.grpo_minibatch_size):
+        perm = torch.randperm(len(s["qr"]))
+        for start in range(0, len(s["qr"]), cfg.grpo_minibatch_size):
             mb = perm[start:start + cfg.grpo_minibatch_size]
             opt.zero_grad(set_to_none=True)
             sums = dict.fromkeys(stats, 0.0)
             for part in micro_batches(mb.tolist(), cfg):
                 part = torch.tensor(part)
-                m = mask[part]
-                logprobs, _ = response_logprobs(actor, qr[part], attn[part], lq, cfg.temperature)
-                loss, kl, ratio = grpo_loss(logprobs, old_logprobs[part], ref_logprobs[part], adv[part], m,
-                                            cfg.cliprange, cfg.grpo_kl_coef)
-                share = len(part) / len(mb)         # answer-means over micro-batches add up to the minibatch's
+                m = s["mask"][part]
+                logprobs, _ = response_logprobs(actor, s["qr"][part], s["attn"][part], s["lq"],
+                                                cfg.temperature)
+                loss, kl, ratio = grpo_loss(logprobs, s["old_logprobs"][part],
+                                            s["ref_logprobs"][part], adv[part], m, cfg.cliprange,
+                                            cfg.grpo_kl_coef)
+                # answer-means over micro-batches add up to the minibatch's
+                share = len(part) / len(mb)
                 check_finite(loss, "GRPO loss", epoch)
                 backward(loss * share, scaler)
+                clipped = ((ratio.detach() - 1).abs() > cfg.cliprange).float()
                 sums["loss"] += float(loss.detach()) * share
                 sums["kl"] += float(masked_mean(kl.detach(), m, dim=1).mean()) * share
-                sums["clipfrac"] += float(masked_mean(((ratio.detach() - 1).abs() > cfg.cliprange).float(), m)) * share
+                sums["clipfrac"] += float(masked_mean(clipped, m)) * share
             optimizer_step([(opt, actor)], cfg, scaler, "GRPO", f"epoch {epoch}")
             for k, v in sums.items():
                 stats[k].append(v)
     actor.eval()
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config, scaler=None) -> dict:
+    """One GRPO iteration: sample a group per prompt, reward, group-relative advantages, clipped
+    updates with a k3 KL penalty to the reference inside the loss; returns its log record."""
+    t0 = time.time()
+    # each prompt repeated G times, adjacent
+    group = [r for r in rows for _ in range(cfg.grpo_group_size)]
+    s = grpo_samples(actor, ref, rm, tok, group, cfg)
+    rewards, mask, has_eos = s["rewards"], s["mask"], s["has_eos"]
+    adv = group_advantages(rewards, cfg.grpo_group_size).to(s["qr"].device)
+    t1 = time.time()
+    stats = grpo_update(actor, opt, s, adv, cfg, scaler)
     zero_std = float((rewards.view(-1, cfg.grpo_group_size).std(1) == 0).float().mean())
     checked = [i for i, r in enumerate(group) if "setup_sql" in r]    # where gold can be judged
-    acc, fmt = [acc[i] for i in checked] or [math.nan], [fmt[i] for i in checked] or [math.nan]
-    return {"reward": float(rewards.mean()), "gold_acc": sum(acc) / len(acc), "format_rate": sum(fmt) / len(fmt),
-            "groups_without_signal": zero_std, "length": float(mask.sum(1).mean()),
-            "eos_rate": float(has_eos.float().mean()), **{k: sum(v) / len(v) for k, v in stats.items()},
-            "time_generate_score": t1 - t0, "time_train": time.time() - t1, "sample": texts[0]}
+    acc = [s["acc"][i] for i in checked] or [math.nan]
+    fmt = [s["fmt"][i] for i in checked] or [math.nan]
+    return {"reward": float(rewards.mean()), "gold_acc": sum(acc) / len(acc),
+            "format_rate": sum(fmt) / len(fmt), "groups_without_signal": zero_std,
+            "length": float(mask.sum(1).mean()), "eos_rate": float(has_eos.float().mean()),
+            **stats, "time_generate_score": t1 - t0, "time_train": time.time() - t1,
+            "sample": s["texts"][0]}
 
 
 def check_grpo_reward(rows: list[dict], cfg: Config) -> None:
@@ -1318,7 +1479,8 @@ def check_grpo_reward(rows: list[dict], cfg: Config) -> None:
 
 
 def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
-    """The GRPO loop from the SFT actor; returns (trained actor, history). Saving is the notebook's job."""
+    """The GRPO loop from the SFT actor; returns (trained actor, history). Saving is the notebook's
+    job."""
     import torch
     one_process_only("GRPO")
     rows = rows if rows is not None else load_data(cfg, "prompt")
@@ -1327,60 +1489,75 @@ def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
     rows = fit_rows(tok, rows, cfg, (), "GRPO prompts")     # counts (prints) the prompts to be cut
     print(f"GRPO: {len(rows)} prompts, {cfg.grpo_prompts} per iteration")
     actor = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
-    ref = None if cfg.lora_r > 0 else load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
+    ref = (None if cfg.lora_r > 0 else
+           load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False))
     rm = (load_score_model(_require(cfg.path("critic"), "2_critic.ipynb"), device=device, cfg=cfg)
           if cfg.grpo_rm_weight > 0 else None)
     opt, _ = make_optimizer(actor, cfg.grpo_lr, 1, warmup=0)
     scaler = grad_scaler(cfg, device)
     history = []
     bar = progress(range(cfg.grpo_iterations), desc="GRPO")
-    with stop_cleanly("GRPO", cfg, ("grpo_prompts", "grpo_group_size"), lambda: kept_model(cfg.path("grpo")), actor):
+    with stop_cleanly("GRPO", cfg, ("grpo_prompts", "grpo_group_size"),
+                      lambda: kept_model(cfg.path("grpo")), actor):
         for it in bar:
             set_seed(cfg.seed * 100_003 + it)
             batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.grpo_prompts].tolist()]
-            rec = {"iteration": it + 1, **grpo_iteration(actor, ref, rm, opt, tok, batch, cfg, scaler)}
+            rec = {"iteration": it + 1,
+                   **grpo_iteration(actor, ref, rm, opt, tok, batch, cfg, scaler)}
             history.append(rec)
-            bar.set_postfix(reward=f"{rec['reward']:.2f}", gold=f"{rec['gold_acc']:.2f}", kl=f"{rec['kl']:.3f}", refresh=False)
+            bar.set_postfix(reward=f"{rec['reward']:.2f}", gold=f"{rec['gold_acc']:.2f}",
+                            kl=f"{rec['kl']:.3f}", refresh=False)
     return actor, history
 
 
 # ============================================================================ evaluation
 
 
-def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Execution accuracy greedy and sampled (rows with setup_sql), RM score, KL, length, EOS."""
+def evaluate_batch(model, tok, part: list[dict], greedy: list[str], cfg: Config, rm=None,
+                   ref=None) -> list[dict]:
+    """One sampled answer per row of `part` beside its greedy one: per-row verdicts (None without
+    setup_sql), RM score, KL to the reference, length, EOS."""
     import torch
+    qr, pmask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
+    resp = qr[:, lq:]
+    mask = response_mask(resp, tok.eos_token_id)
+    _, has_eos = first_eos_index(resp, tok.eos_token_id)
+    attn = torch.cat([pmask, mask], 1)
+    with torch.no_grad():
+        kl = torch.zeros(len(part))
+        # KL(policy || ref) estimated on the policy's own samples (k1, summed)
+        if ref is not None:
+            lp, _ = response_logprobs(model, qr, attn, lq, cfg.temperature)
+            rlp, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
+            kl = ((lp - rlp) * mask).sum(1).cpu()
+        score = (reward_scores(rm, qr, attn).cpu() if rm is not None
+                 else torch.full((len(part),), float("nan")))
+    out = []
+    for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
+        # the gold metric needs the row's tables and gold SQL: else None, not a guess
+        judged = "setup_sql" in r and isinstance(r.get("chosen"), str)
+
+        def ok(answer):
+            return execution_match(r["setup_sql"], r["chosen"], answer) if judged else None
+        out.append({"prompt": r["prompt"], "family": r.get("family", "?"),
+                    "gold": (r.get("chosen") or "").strip(),
+                    "greedy": greedy[j].strip(), "sampled": text.strip(),
+                    "greedy_ok": ok(greedy[j]), "sampled_ok": ok(text),
+                    "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
+                    "eos": bool(has_eos[j])})
+    return out
+
+
+def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None,
+                    desc: str = "eval") -> tuple[dict, list[dict]]:
+    """Execution accuracy greedy and sampled (rows with setup_sql), RM score, KL, length, EOS."""
     prompts = [r["prompt"] for r in rows]
     greedy = sample_answers(model, tok, prompts, cfg, greedy=True, desc=f"{desc} greedy")
     per_row = []
     bs = cfg.eval_batch_size
     with stop_cleanly(desc, cfg, ("eval_batch_size",)):
         for i in progress(range(0, len(rows), bs), desc=f"{desc} sampled", leave=False):
-            part = rows[i:i + bs]
-            qr, pmask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
-            resp = qr[:, lq:]
-            mask = response_mask(resp, tok.eos_token_id)
-            _, has_eos = first_eos_index(resp, tok.eos_token_id)
-            attn = torch.cat([pmask, mask], 1)
-            with torch.no_grad():
-                kl = torch.zeros(len(part))
-                if ref is not None:            # KL(policy || ref) estimated on the policy's own samples (k1, summed)
-                    lp, _ = response_logprobs(model, qr, attn, lq, cfg.temperature)
-                    rlp, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
-                    kl = ((lp - rlp) * mask).sum(1).cpu()
-                score = reward_scores(rm, qr, attn).cpu() if rm is not None else torch.full((len(part),), float("nan"))
-            for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
-                # the gold metric needs the row's tables and gold SQL: else None, not a guess
-                judged = "setup_sql" in r and isinstance(r.get("chosen"), str)
-
-                def ok(answer):
-                    return execution_match(r["setup_sql"], r["chosen"], answer) if judged else None
-                per_row.append({"prompt": r["prompt"], "family": r.get("family", "?"),
-                                "gold": (r.get("chosen") or "").strip(),
-                                "greedy": greedy[i + j].strip(), "sampled": text.strip(),
-                                "greedy_ok": ok(greedy[i + j]), "sampled_ok": ok(text),
-                                "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
-                                "eos": bool(has_eos[j])})
+            per_row += evaluate_batch(model, tok, rows[i:i + bs], greedy[i:i + bs], cfg, rm, ref)
     n = len(per_row)
     judged = [r for r in per_row if r["greedy_ok"] is not None]
     summary = {}
@@ -1394,7 +1571,8 @@ def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None, desc: str 
                     "n_prompts": n, "temperature": cfg.temperature})
     if len(judged) < n:
         summary["n_with_setup_sql"] = len(judged)
-        print(f"{desc}: execution accuracy on {len(judged)} of {n} prompts (others lack setup_sql)")
+        print(f"{desc}: execution accuracy on {len(judged)} of {n} prompts (others lack "
+              "setup_sql)")
     return summary, per_row
 
 
@@ -1443,7 +1621,8 @@ def plot_history(history: list[dict], x: str, panels: list[list[str]], title: st
 
 
 def show_source(fn) -> None:
-    """Show a function's source as it runs: a highlighted code block in a notebook, plain text elsewhere."""
+    """Show a function's source as it runs: a highlighted code block in a notebook, plain text
+    elsewhere."""
     import inspect
     src = inspect.getsource(fn)
     try:
@@ -1451,32 +1630,51 @@ def show_source(fn) -> None:
         from IPython.display import Markdown, display
     except ImportError:
         get_ipython = None
-    if get_ipython is not None and get_ipython() is not None:     # a notebook kernel (or IPython shell)
+    # a notebook kernel (or IPython shell)
+    if get_ipython is not None and get_ipython() is not None:
         display(Markdown(f"```python\n{src}```"))
     else:
         print(src)
 
-# ============================================================================ CLI
+
+# ================================================================ one stage, without its notebook
+#
+# what `python util.py sft|rm|ppo|dpo|grpo` runs (the command line itself: cli.py)
 
 STAGES = {"sft": "actor", "rm": "critic", "ppo": "rlhf", "dpo": "dpo", "grpo": "grpo"}
 # the kind of data (DATA_SOURCES) each stage trains on
 STAGE_DATA = {"sft": "sft", "rm": "pref", "ppo": "prompt", "dpo": "pref", "grpo": "prompt"}
 
 
-def load_config(path_or_dict=None, preset: str | None = None) -> Config:
-    """A Config from a dict or a JSON file of Config fields (its "preset" key picks the preset); unknown keys
-    are an error that names them."""
-    fields = dict(path_or_dict) if isinstance(path_or_dict, dict) else {}
-    if isinstance(path_or_dict, (str, Path)):
-        try:
-            fields = json.loads(Path(path_or_dict).read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path_or_dict}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"{path_or_dict}: unknown config field(s) {unknown}; known fields: {sorted(known)}")
-    return get_config(preset or fields.pop("preset", None), **{k: v for k, v in fields.items() if k != "preset"})
+def train_stage(stage: str, cfg: Config, device, train, evalset) -> tuple:
+    """(model, tokenizer, history) of one stage trained from the models before it; PPO saves its own
+    checkpoints and returns (None, None, history)."""
+    if stage == "ppo":
+        return None, None, train_ppo(cfg, device, train)
+    if stage == "sft":
+        if not (cfg.path("base_actor") / "config.json").exists() and accelerator().is_main_process:
+            prepare_base_models(cfg)
+        accelerator().wait_for_everyone()
+        tok = load_tokenizer(cfg.path("base_actor"))
+        model = load_causal_lm(cfg.path("base_actor"), "0_download.ipynb", device, cfg)
+        return model, tok, train_sft(model, tok, train, evalset, cfg, device)
+    tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
+    if stage == "rm":
+        model = load_score_model(cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor"),
+                                 "1_actor.ipynb", device, cfg)
+        history = train_reward(model, tok, train, evalset, cfg, device)
+        prompts = [r["prompt"] for r in train[:256]]
+        sft = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
+        answers = sample_answers(sft, tok, prompts, cfg)
+        history[-1]["reward_offset"] = set_reward_offset(model, tok, prompts, answers, cfg, device)
+        return model, tok, history
+    if stage == "dpo":
+        model = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
+        ref = (None if cfg.lora_r else
+               load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False))
+        return model, tok, train_dpo(model, ref, tok, train, evalset, cfg, device)
+    model, history = train_grpo(cfg, device, train)
+    return model, tok, history
 
 
 def run_stage(stage: str, cfg: Config) -> dict:
@@ -1492,31 +1690,7 @@ def run_stage(stage: str, cfg: Config) -> dict:
     data = {kind: train.info, "eval": evalset.info,
             "leaked_eval_prompts": report_leakage(train, evalset, DATA_SOURCES[kind][3])}
     t0 = time.time()
-    if stage == "ppo":
-        history = train_ppo(cfg, device, train)
-    elif stage == "sft":
-        if not (cfg.path("base_actor") / "config.json").exists() and accelerator().is_main_process:
-            prepare_base_models(cfg)
-        accelerator().wait_for_everyone()
-        tok = load_tokenizer(cfg.path("base_actor"))
-        model = load_causal_lm(cfg.path("base_actor"), "0_download.ipynb", device, cfg)
-        history = train_sft(model, tok, train, evalset, cfg, device)
-    elif stage == "rm":
-        tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
-        model = load_score_model(cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor"), "1_actor.ipynb",
-                                 device, cfg)
-        history = train_reward(model, tok, train, evalset, cfg, device)
-        prompts = [r["prompt"] for r in train[:256]]
-        answers = sample_answers(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), tok, prompts, cfg)
-        history[-1]["reward_offset"] = set_reward_offset(model, tok, prompts, answers, cfg, device)
-    elif stage == "dpo":
-        tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
-        model = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
-        ref = None if cfg.lora_r else load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False)
-        history = train_dpo(model, ref, tok, train, evalset, cfg, device)
-    else:
-        tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
-        model, history = train_grpo(cfg, device, train)
+    model, tok, history = train_stage(stage, cfg, device, train, evalset)
     seconds = time.time() - t0
     if accelerator().is_main_process:       # every process holds the same weights: one writes them
         if stage != "ppo":                  # PPO wrote its checkpoint (and metrics.json) as it went
