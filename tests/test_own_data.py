@@ -10,6 +10,8 @@ import math
 
 import pytest
 
+import cli
+import data_files
 import util
 from conftest import ROOT
 
@@ -99,7 +101,7 @@ def test_evaluation_and_report_without_gold_show_what_needs_none(run, monkeypatc
     assert "exec_acc_greedy" not in summary and summary["n_with_setup_sql"] == 0
     assert {"rm_score", "kl_to_sft", "length", "eos_rate"} <= set(summary)
     assert math.isfinite(summary["rm_score"]) and all(r["greedy_ok"] is None for r in rows)
-    monkeypatch.setattr(util, "REPORT_MODELS", {"SFT": "actor", "DPO": "dpo"})    # two are enough
+    monkeypatch.setattr(cli, "REPORT_MODELS", {"SFT": "actor", "DPO": "dpo"})    # two are enough
     conf = cfg.path("my.json")
     conf.write_text(json.dumps(dataclasses.asdict(cfg)))
     _, text = _printed(util.main, ["report", "--config", str(conf)])
@@ -270,7 +272,7 @@ def test_hub_dataset_ids(monkeypatch):
         return datasets.Dataset.from_list([{"question": "Human: q Assistant:", "pos": " a",
                                             "neg": " b"}])
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.setattr(util, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(data_files, "hub_reachable", lambda *a, **k: True)
     cfg = util.get_config("smoke", pref_data="hf:someone/prefs",
                           eval_data="someone/prefs:validation",
                           columns={"chosen": "pos", "rejected": "neg"})
@@ -278,7 +280,7 @@ def test_hub_dataset_ids(monkeypatch):
                                             "rejected": " b"}]
     assert util.load_data(cfg, "eval")[0]["prompt"] == "Human: q Assistant:"
     assert calls == [("someone/prefs", "train"), ("someone/prefs", "validation")]
-    monkeypatch.setattr(util, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(data_files, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(ConnectionError, match=r"hf:someone/prefs\[train\] is a hub dataset id and "
                                               "the hub is unreachable.*JSON lines"):
         util.load_data(cfg, "pref")

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import model_files
+import saving
 import util
 from conftest import ROOT
 
@@ -157,7 +160,7 @@ def hanging_dns(monkeypatch):
     def hang(*args, **kwargs):
         release.wait(30)
         raise OSError("timed out")
-    monkeypatch.setattr(util.socket, "create_connection", hang)
+    monkeypatch.setattr(socket, "create_connection", hang)
     yield
     release.set()
 
@@ -195,7 +198,7 @@ def test_model_id_that_does_not_exist(monkeypatch, tmp_path):
     endpoint = f"http://127.0.0.1:{server.server_port}"
     monkeypatch.setattr(hub, "ENDPOINT", endpoint)
     monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(util, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(model_files, "hub_reachable", lambda *a, **k: True)
     cfg = util.get_config("opt", actor_hub="facebook/opt-does-not-exist", out_dir=str(tmp_path),
                           tokenizer_dir=str(tmp_path / "tok"))
     t0 = time.time()
@@ -344,12 +347,12 @@ def test_ppo_checkpoint_cut_short_keeps_the_previous_one(stage, rows, monkeypatc
     out = stage.path("rlhf")
     with monkeypatch.context() as m:
         if cut == "while writing":   # SIGTERM arrives while the 2nd checkpoint's optimizer state is written
-            m.setattr(util, "optimizer_to_tensors", _fail_on_call(3, _sigterm_self, util.optimizer_to_tensors))
+            m.setattr(saving, "optimizer_to_tensors", _fail_on_call(3, _sigterm_self, saving.optimizer_to_tensors))
         else:                        # the old checkpoint is renamed away, then the process dies
             def cut_swap(tmp, path):
                 os.replace(path, path.with_name(path.name + ".old"))
                 raise KeyboardInterrupt
-            m.setattr(util, "_swap_dir", _fail_on_call(2, lambda: cut_swap(out.with_name("rlhf.tmp"), out), util._swap_dir))
+            m.setattr(saving, "_swap_dir", _fail_on_call(2, lambda: cut_swap(out.with_name("rlhf.tmp"), out), saving._swap_dir))
         with pytest.raises(util.TrainingStopped, match=f"{out} holds the checkpoint of iteration 1, intact: re-run"):
             util.train_ppo(stage, "cpu", rows=rows)
     assert _ppo_files_complete(out)["iteration"] == 1
@@ -450,7 +453,7 @@ def test_cuda_out_of_memory_names_the_batch_size_to_try(stage, rows, tok, monkey
 
 def test_nothing_is_ever_unpickled(stage, rows, tok, monkeypatch, tmp_path):
     import pickle
-    source = Path(util.__file__).read_text()
+    source = "".join(p.read_text() for p in Path(util.__file__).parent.glob("*.py"))   # util and its plumbing
     assert "torch.load" not in source and "import pickle" not in source
     util.train_ppo(stage, "cpu", rows=rows, stop_after=1)
     suffixes = {p.suffix for p in Path(stage.out_dir).rglob("*") if p.is_file()}

@@ -1,0 +1,149 @@
+"""Where the code runs: the device, precision and processes (accelerate), seeds, Colab's set-up, the
+hub probe, progress bars, transformers' quiet mode. util re-exports these names."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from config_checks import CONFIG_CHOICES
+
+if TYPE_CHECKING:
+    from util import Config
+
+ROOT = Path(__file__).resolve().parent
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 4.0) -> bool:
+    """True if a TCP connection to the hub opens within `timeout` seconds (DNS included), never longer."""
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)                           # a hanging DNS lookup cannot hold us past the timeout
+    return bool(result and result[0])
+
+
+def in_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules
+
+# not installed in Colab: its own torch and Jupyter builds stay (replacing them can break the runtime), and the
+# tools of `make run` / `make test` are not needed there
+COLAB_SKIP = r"(torch|jupyter\w*|ipykernel|papermill|nbval|pytest|websocket-client)\b"
+
+
+def colab_setup(requirements=ROOT / "requirements.txt", run=None) -> list[str]:
+    """In Colab, pip-install the requirements except COLAB_SKIP (Colab's torch stays); elsewhere do nothing.
+    Returns the pip command. RLHF_COLAB_NO_INSTALL=1 returns it without running it (tests/test_colab.py runs
+    the notebooks' Colab cell offline that way)."""
+    if not in_colab():
+        return []
+    lines = [ln.strip() for ln in Path(requirements).read_text().splitlines()]
+    pkgs = [ln for ln in lines if ln and not ln.startswith("#") and not re.match(COLAB_SKIP, ln)]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", *pkgs]
+    if os.environ.get("RLHF_COLAB_NO_INSTALL") not in (None, "", "0"):
+        return cmd
+    import subprocess
+    (run or subprocess.check_call)(cmd)
+    return cmd
+
+
+def progress(iterable, **kwargs):
+    """A progress bar: a notebook widget when interactive, plain text lines under `make run`
+    (RLHF_TEXT_PROGRESS=1), so saved notebooks show the final state instead of an empty widget."""
+    from accelerate import PartialState
+    if not PartialState().is_main_process:      # under `accelerate launch` one bar, not one per process
+        kwargs["disable"] = True
+    if os.environ.get("RLHF_TEXT_PROGRESS"):
+        from tqdm import tqdm as text_tqdm
+        return text_tqdm(iterable, file=sys.stdout, mininterval=30, ncols=110, **kwargs)
+    from tqdm.auto import tqdm
+    return tqdm(iterable, **kwargs)
+
+
+def quiet_hf() -> None:
+    """Hide transformers' own per-load progress bars (loading and writing a tiny model needs none)."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------------------- device and processes
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    from transformers import set_seed as hf_set_seed
+    hf_set_seed(seed)
+
+
+def get_device():
+    """CUDA, else Apple MPS, else CPU (accelerate decides); printed so the reader knows."""
+    from accelerate import PartialState
+    device = PartialState().device
+    extra = " (Google Colab)" if in_colab() else ""
+    print(f"device: {device}{extra}")
+    return device
+
+
+PRECISIONS = CONFIG_CHOICES["precision"]
+
+
+def resolve_precision(cfg: Config, device) -> str:
+    """Config.precision made concrete for a device: auto = bf16 on a GPU that has it (Ampere and later), fp16
+    with loss scaling on an older CUDA GPU (a T4 has no bf16), fp32 on a CPU (autocast would only slow it)."""
+    import torch
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"Config.precision={cfg.precision!r}: choose one of {PRECISIONS}")
+    if cfg.precision != "auto":
+        return cfg.precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return "fp32"
+
+
+_ACCELERATOR = []
+
+
+def accelerator():
+    """The run's accelerate.Accelerator. In a notebook (one process) it changes nothing; under
+    `accelerate launch` or torchrun it wraps the model for data parallelism over processes (DDP)."""
+    if not _ACCELERATOR:
+        from accelerate import Accelerator
+        # precision is ours (Config.precision, see run_in_precision), not a launcher's: one autocast, one scaler
+        _ACCELERATOR.append(Accelerator(mixed_precision="no"))
+    return _ACCELERATOR[0]
+
+
+def unwrap(model):
+    """The model inside an accelerate/DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def my_share(idx: list) -> list:
+    """This process's part of a batch: with N processes each takes every N-th example, so the global batch
+    (and the learning-rate schedule) stays what the config says."""
+    acc = accelerator()
+    return idx[acc.process_index::acc.num_processes]
+
+
+def free_memory() -> None:
+    """Give back what deleted models held: Python's garbage, accelerate's references, CUDA's cached blocks
+    (the next stage, or a notebook run after this one in the same runtime, gets the GPU memory back)."""
+    import gc
+    import torch
+    accelerator().free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
