@@ -1145,10 +1145,11 @@ def load_ppo_models(cfg: Config, device, state: dict | None = None) -> tuple:
     tok = load_tokenizer(_require(cfg.path("actor")))
     _require(cfg.path("critic"))
     if cfg.lora_r > 0:                  # LoRA: SFT weights + adapters (the checkpoint's on resume)
-        from peft import PeftModel
-        sft = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
-        actor = (PeftModel.from_pretrained(sft, out / "adapter", is_trainable=True) if state
-                 else add_lora(sft, cfg))
+        from peft import set_peft_model_state_dict
+        actor = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
+        if state:                       # the adapters' weights, from safetensors like every weight
+            adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"), device=str(device))
+            set_peft_model_state_dict(actor, adapter)
     else:
         actor = load_causal_lm(out if state else cfg.path("actor"), device=device, cfg=cfg)
     models = {"actor": actor,           # the reference is the SFT model, frozen: the KL leash
