@@ -337,9 +337,14 @@ def add_lora(model, cfg: Config):
                       task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     import warnings
-    # peft calls a transformers method deprecated in v5: not ours to fix
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    import torch
+    # the adapters' random initial weights come from the config's seed, not from whatever used the random
+    # generator before (a notebook's earlier cells, an earlier run): a resumed run rebuilds the same adapters,
+    # and the generator's state outside is left as it was
+    cuda = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+    with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
+        torch.manual_seed(cfg.seed)
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a method transformers 5 deprecates
         return get_peft_model(model, lora)
 
 

@@ -109,4 +109,13 @@ def test_ppo_with_lora_holds_one_base_copy_and_resumes(micro_dirs, tmp_path):
     resumed = util.train_ppo(cfg, "cpu")
     assert [h["iteration"] for h in resumed] == [1, 2] and resumed[0] == first[0]
     assert resumed[1]["ratio_first_minibatch_max_dev"] < 1e-6
+    # the resumed run went on from the checkpoint's adapters and optimizer: the same second iteration as a run
+    # never stopped (the adapters' initial weights come from the config's seed, not from the generator's state)
+    torch.manual_seed(123)
+    whole = tmp_path / "w"
+    for d in ("actor", "critic"):
+        shutil.copytree(micro_dirs.path(d), whole / d)
+    straight = util.train_ppo(util.get_config("smoke", out_dir=str(whole), lora_r=4, ppo_iterations=2), "cpu")
+    same = lambda rec: {k: v for k, v in rec.items() if not k.startswith("time_")}
+    assert same(resumed[1]) == same(straight[1])
     assert util.load_ppo_state(out / "rlhf", util.get_config("smoke", out_dir=str(out))) is None   # full FT: afresh
