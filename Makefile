@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # 4_test runs last: it reports every model the others made (SFT, PPO, DPO, GRPO)
 NOTEBOOKS := 0_download 1_actor 2_critic 3_rlhf 5_dpo 6_grpo 4_test
 
-.PHONY: install run test clean-model bench bench-install bench-env-116
+.PHONY: install run test seeds clean-model bench bench-install bench-env-116
 
 $(VENV)/.installed: requirements.txt
 	@echo ">>> creating $(VENV) and installing requirements (first time: a few minutes)"
@@ -31,6 +31,11 @@ test: install
 	RLHF_PRESET=smoke RLHF_OUT=$$out TQDM_DISABLE=1 $(PY) -m pytest -q -p no:cacheprovider \
 	  tests $(wildcard [0-9]_*.ipynb) --nbval-lax --nbval-current-env; \
 	rc=$$?; rm -rf $$out; exit $$rc
+
+# the whole pipeline for seeds 0 1 2 (about 3 x make run) into model/seeds/<seed>/: docs/seeds.json,
+# docs/seeds.md and the README table of mean, spread and worst per model (SEEDS="3 4" for others)
+seeds: install
+	$(PY) seeds.py $(if $(SEEDS),--seeds $(SEEDS))
 
 clean-model:
 	rm -rf model/*/ model/report.json

@@ -220,14 +220,18 @@ def default_preset() -> str:
 
 
 def get_config(preset: str | None = None, **overrides) -> Config:
-    """The config of a preset (default_preset() when None), with RLHF_OUT and explicit overrides
-    applied."""
+    """The config of a preset (default_preset() when None), with RLHF_OUT, RLHF_SEED and explicit
+    overrides applied."""
     preset = preset or default_preset()
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
     fields = {**PRESETS[preset], **overrides}
     if os.environ.get("RLHF_OUT"):
         fields.setdefault("out_dir", os.environ["RLHF_OUT"])
+    if os.environ.get("RLHF_SEED"):                 # `make seeds` runs the notebooks with it
+        if not os.environ["RLHF_SEED"].isdigit():
+            raise ConfigError(f"RLHF_SEED={os.environ['RLHF_SEED']!r}: must be an integer >= 0")
+        fields.setdefault("seed", int(os.environ["RLHF_SEED"]))
     # the hub tokenizer is saved here, beside the shipped one
     if preset == "opt":
         fields.setdefault("tokenizer_dir", str(ROOT / "tokenizer" / "opt"))
