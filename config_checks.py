@@ -16,7 +16,7 @@ _AT_LEAST_1, _AT_LEAST_2 = (">= 1", lambda v: v >= 1), (">= 2", lambda v: v >= 2
 _UNIT, _OPEN_UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1), ("in (0, 1)", lambda v: 0 < v < 1)
 CONFIG_RANGES = {
     **dict.fromkeys(["seed", "micro_batch_size", "d_model", "n_layers", "n_heads", "n_train",
-                     "n_eval", "rm_prefix_weight", "kl_coef", "kl_target", "vf_coef",
+                     "n_eval", "rm_prefix_weight", "kl_coef", "kl_target", "vf_coef", "reward_clip",
                      "missing_eos_penalty", "dpo_sft_weight", "grpo_kl_coef", "grpo_format_weight",
                      "grpo_rm_weight", "lora_r"], _NON_NEGATIVE),
     **dict.fromkeys(["sft_epochs", "rm_epochs", "dpo_epochs", "sft_lr", "rm_lr", "ppo_lr",
@@ -24,10 +24,11 @@ CONFIG_RANGES = {
                      "max_grad_norm", "dpo_beta"], _POSITIVE),
     **dict.fromkeys(["max_positions", "max_prompt_tokens", "max_response_tokens",
                      "sft_batch_size", "rm_batch_size", "rm_max_rejected", "ppo_iterations",
-                     "rollout_batch_size", "ppo_minibatch_size", "ppo_epochs", "save_every",
+                     "rollout_batch_size", "ppo_minibatch_size", "ppo_epochs", "save_every", "kl_horizon",
                      "dpo_batch_size", "grpo_iterations", "grpo_prompts", "grpo_minibatch_size",
                      "grpo_epochs", "lora_alpha", "eval_batch_size"], _AT_LEAST_1),
     "gamma": _UNIT, "lam": _UNIT,
+    "val_fraction": ("in [0, 0.5]", lambda v: 0 <= v <= 0.5),
     "cliprange": _OPEN_UNIT,        # the ratio is clipped to [1 - c, 1 + c]: c >= 1, no lower clip
     "grpo_group_size": _AT_LEAST_2,  # a group of one has no spread: its advantage is 0 / 0
 }

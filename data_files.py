@@ -3,6 +3,7 @@ row shapes (aliases, chats, HH-style shared prompts), as rows of prompt / chosen
 response; the Config's data sources; hygiene (leakage, missing fields). util re-exports these."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -288,8 +289,21 @@ def data_source(cfg: Config, kind: str) -> str:
     return getattr(cfg, field) or str(Path(cfg.data_dir, default))
 
 
-def load_data(cfg: Config, kind: str, limit: int | None = None) -> Rows:
-    """Rows of a config's source: "sft", "pref", "prompt" (n_train rows) or "eval" (n_eval)."""
+# a training source this small keeps every row for training (a validation split of 1 row is noise)
+MIN_ROWS_FOR_VALIDATION = 20
+
+
+def in_validation(prompt: str, fraction: float) -> bool:
+    """Whether a training prompt is held out for validation: decided by a hash of the prompt, so a
+    prompt is held out of every stage and every file alike, whatever the seed or the row order."""
+    digest = hashlib.sha256(_normal(prompt).encode()).hexdigest()
+    return int(digest[:8], 16) / 16 ** 8 < fraction
+
+
+def load_data(cfg: Config, kind: str, limit: int | None = None, split: str = "train") -> Rows:
+    """Rows of a config's source: "sft", "pref", "prompt" (n_train rows) or "eval" (n_eval).
+    split="val" gives the training source's validation rows (Config.val_fraction of its prompts),
+    which no stage trains on; "train" gives the rest."""
     if kind not in DATA_SOURCES:
         raise ValueError(f"unknown kind of data {kind!r}: choose one of {sorted(DATA_SOURCES)}")
     field, _, required, what = DATA_SOURCES[kind]
@@ -302,8 +316,19 @@ def load_data(cfg: Config, kind: str, limit: int | None = None) -> Rows:
     rows = load_rows(source, required, limit=limit, columns=cfg.columns, pairs=kind == "pref",
                      split="test" if kind == "eval" else "train")
     cut = f", the first {limit} (Config.{limit_field})" if len(rows) == limit else ""
-    print(f"{what}: {len(rows)} rows from {rows.info['source']}{cut}")
-    return rows
+    if kind == "eval" or cfg.val_fraction == 0 or len(rows) < MIN_ROWS_FOR_VALIDATION:
+        if split == "val":
+            raise ValueError(f"no validation split of the {what}: Config.val_fraction is 0, or "
+                             f"fewer than {MIN_ROWS_FOR_VALIDATION} rows" if kind != "eval" else
+                             "the evaluation rows are a test set: they have no validation split")
+        print(f"{what}: {len(rows)} rows from {rows.info['source']}{cut}")
+        return rows
+    held = [in_validation(r["prompt"], cfg.val_fraction) for r in rows]
+    part = Rows([r for r, h in zip(rows, held) if h == (split == "val")],
+                {**rows.info, "split": split, "validation_rows": sum(held)})
+    print(f"{what} ({split}): {len(part)} of {len(rows)} rows from {rows.info['source']}{cut}; "
+          f"{sum(held)} held out for validation (Config.val_fraction={cfg.val_fraction})")
+    return part
 
 
 def _normal(prompt: str) -> str:

@@ -154,11 +154,11 @@ def prompts_digest(rows) -> str:
 
 
 # Config fields a PPO checkpoint resumes across, as they do not change what PPO computes: where
-# files go, how often it saves, the run's length (a larger ppo_iterations continues a run), the
-# memory layout (micro-batches, gradient checkpointing: the same sums), evaluation, and the other
-# stages' knobs (they reach PPO through the SFT and RM weights, which inputs_fingerprint checks)
-PPO_RESUME_IGNORES = ("out_dir", "data_dir", "tokenizer_dir", "save_every", "ppo_iterations",
-                      "micro_batch_size", "gradient_checkpointing", "n_eval", "eval_batch_size")
+# files go, how often it saves, the memory layout (micro-batches, gradient checkpointing: the same
+# sums), evaluation, and the other stages' knobs (they reach PPO through the SFT and RM weights,
+# which inputs_fingerprint checks). Not ppo_iterations: the learning rate anneals over the run
+PPO_RESUME_IGNORES = ("out_dir", "data_dir", "tokenizer_dir", "save_every", "micro_batch_size",
+                      "gradient_checkpointing", "n_eval", "eval_batch_size")
 OTHER_STAGES = ("sft_", "rm_", "dpo_", "grpo_")
 
 

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from config_checks import ConfigError, check_config
-from data_files import (DATA_SOURCES, DataError, Rows, data_source, demonstrations,
+from data_files import (DATA_SOURCES, DataError, Rows, data_source, demonstrations, in_validation,
                         leaked_prompts, load_data, load_rows, report_leakage, with_fields)
 from model_files import (_require, check_tokenizer_matches, disable_dropout, load_causal_lm,
                          load_score_model, load_tokenizer, prepare_base_models, run_in_precision,
@@ -60,8 +60,8 @@ from stopping import (TrainingStopped, _sigterm_to_interrupt, check_not_stopped,
 # the plumbing's names that notebooks, tests and the CLI reach as util.X without util using them
 __all__ = ["FAMILIES", "HABITS", "HABIT_RATE", "Rows", "TrainingStopped", "_json_safe",
            "_sigterm_to_interrupt", "colab_setup", "data_source", "dataset_stats",
-           "disable_dropout", "execution_accuracy", "free_memory", "get_device", "leaked_prompts",
-           "load_ppo_state", "load_rows", "make_dataset", "run_in_precision", "tiny_opt_config",
+           "disable_dropout", "execution_accuracy", "free_memory", "get_device", "in_validation",
+           "leaked_prompts", "load_ppo_state", "load_rows", "make_dataset", "run_in_precision", "tiny_opt_config",
            "train_tokenizer", "write_dataset"]
 
 ROOT = Path(__file__).resolve().parent
@@ -93,6 +93,10 @@ class Config:
     prompt_data: str = ""                       # prompts for PPO and GRPO
     eval_data: str = ""                         # held-out rows: curves in training, the report
     columns: dict = dataclasses.field(default_factory=dict)   # {our field: the source's column}
+    # share of the training prompts held out of every stage (chosen by a hash of the prompt): the
+    # validation split. The reward scale and any choice of a setting are made on it, never on the
+    # evaluation rows, which are the test set
+    val_fraction: float = 0.05
     out_dir: str = str(ROOT / "model")          # RLHF_OUT moves it (tests use a temp dir)
     tokenizer_dir: str = str(ROOT / "tokenizer")
     # models: tiny = a small OPT trained from scratch; opt = hub checkpoints (or local dirs laid out
@@ -120,6 +124,9 @@ class Config:
     rm_prefix_weight: float = 1.0
     # rejected answers per prompt: the row's own, then its more_rejected
     rm_max_rejected: int = 1
+    # the reward PPO sees: (score - mean) / std of the SFT policy's answers to validation prompts,
+    # then clipped to +- reward_clip, so one outlier answer cannot dominate a batch
+    reward_clip: float = 5.0
     # PPO
     ppo_iterations: int = 60
     rollout_batch_size: int = 64
@@ -127,11 +134,17 @@ class Config:
     ppo_epochs: int = 4
     ppo_lr: float = 3e-5
     ppo_vf_lr: float = 1e-4
+    ppo_anneal_lr: bool = True                  # both learning rates fall linearly to 0 by the end
     # rollouts and sampled evaluation use the same temperature
     temperature: float = 0.7
-    kl_coef: float = 0.2
+    kl_coef: float = 0.2                        # the KL penalty's start (and value, if no target)
     kl_estimator: str = "k1"                    # "k1" (log-ratio) or "k3" (unbiased, always >= 0)
-    kl_target: float = 0.0                      # > 0 turns on the adaptive KL controller
+    # the adaptive KL controller (Ziegler et al. 2019) steers kl_coef so the rollouts' KL to SFT
+    # (nats per answer) nears kl_target; 0 = a fixed kl_coef. KL_TARGET_CHOICE says how it was set
+    kl_target: float = 1.0
+    # episodes over which the controller corrects an error: theirs was 10,000 for long runs; here
+    # a sixth of the 3,840-episode run, so kl_coef can move up to 2 % per iteration
+    kl_horizon: int = 640
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2
@@ -698,11 +711,20 @@ def at_last_token(per_token, attention_mask):
     return per_token[rows, last_token_index(attention_mask)]
 
 
+def normalize_scores(model, raw, clip: bool = True):
+    """Raw head outputs on the scale set_reward_scale stored in the model's config: the SFT
+    policy's answers to validation prompts have mean 0 and std 1, so a kl_coef means the same for
+    every reward model; then clipped to +- reward_clip (the critic's values are not clipped)."""
+    c = model.config
+    s = (raw - getattr(c, "reward_offset", 0.0)) / getattr(c, "reward_scale", 1.0)
+    limit = getattr(c, "reward_clip", 0.0)
+    return s.clamp(-limit, limit) if clip and limit else s
+
+
 def reward_scores(model, input_ids, attention_mask, normalized: bool = True):
-    """The reward: the head's output read at the last real token, minus the stored offset that makes
-    the SFT policy's mean score 0."""
+    """The reward: the head's output read at the last real token, normalised (normalize_scores)."""
     s = at_last_token(token_scores(model, input_ids, attention_mask), attention_mask)
-    return s - getattr(model.config, "reward_offset", 0.0) if normalized else s
+    return normalize_scores(model, s) if normalized else s
 
 
 def pairwise_loss(r_chosen, r_rejected):
@@ -898,12 +920,29 @@ def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device,
     return history
 
 
-def set_reward_offset(model, tok, prompts, policy_answers, cfg: Config, device) -> float:
-    """Normalise: store in the config the mean raw score of the SFT policy's answers, so that mean
-    becomes 0."""
-    raw = score_texts(model, tok, prompts, policy_answers, cfg, device, normalized=False)
-    model.config.reward_offset = float(sum(raw) / len(raw))
-    return model.config.reward_offset
+def set_reward_scale(model, tok, prompts, policy_answers, cfg: Config, device) -> dict:
+    """Normalise: store in the model's config the mean and std of the raw scores of the SFT
+    policy's answers (to validation prompts: on its own training prompts an RM scores high), and
+    the clip; reward_scores applies them. Returns {reward_offset, reward_scale, reward_clip}."""
+    import torch
+    raw = torch.tensor(score_texts(model, tok, prompts, policy_answers, cfg, device,
+                                   normalized=False))
+    std = float(raw.std()) if len(raw) > 1 else 1.0
+    model.config.reward_offset = float(raw.mean())
+    model.config.reward_scale = std if std > 1e-6 else 1.0     # all equal: shift only
+    model.config.reward_clip = cfg.reward_clip
+    return {k: getattr(model.config, k) for k in ("reward_offset", "reward_scale", "reward_clip")}
+
+
+def validation_prompts(cfg: Config, n: int = 256) -> list[str]:
+    """Up to n prompts of the validation split of the preference data (no stage trains on them);
+    the training prompts, said so, when the data is too small to hold any out."""
+    try:
+        rows = load_data(cfg, "pref", split="val")
+    except ValueError as e:
+        print(f"{e}: the training prompts stand in for validation prompts")
+        rows = load_data(cfg, "pref")
+    return [r["prompt"] for r in rows[:n]]
 
 
 # ============================================================================ PPO
@@ -978,6 +1017,14 @@ class Rollout:
     gold: list                   # execution match of each answer (gold metric, never trained on)
 
 
+def critic_values(critic, query_responses, attention_mask, context_length: int):
+    """[B, Lr] the critic's value of the state before each answer token (the head's output at the
+    token before it), on the reward's scale: the critic starts as the RM, so its first values are
+    the RM's scores of each prefix, shifted and scaled as the rewards are (not clipped)."""
+    per_token = token_scores(critic, query_responses, attention_mask)
+    return normalize_scores(critic, per_token[:, context_length - 1:-1], clip=False)
+
+
 def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None = None) -> Rollout:
     """Sample answers with the policy, then score them with the reference, critic and RM."""
     import torch
@@ -992,7 +1039,7 @@ def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None
         logprobs, _ = response_logprobs(actor, qr, attn, lq, cfg.temperature)
         with reference_model(actor, ref) as r:
             ref_logprobs, _ = response_logprobs(r, qr, attn, lq, cfg.temperature)
-        values = token_scores(critic, qr, attn)[:, lq - 1:-1]   # value before token t sits at t-1
+        values = critic_values(critic, qr, attn, lq)
         scores = reward_scores(rm, qr, attn)        # read at the EOS, where the attention mask ends
     # an answer that never stops is penalised
     scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
@@ -1030,7 +1077,7 @@ def ppo_losses(actor, critic, ro: Rollout, idx, advantages, returns, cfg: Config
     now, with what they are made of: pg_loss, vf_loss, ratio, logprobs, logits, values."""
     m, qr, attn = ro.mask[idx], ro.query_responses[idx], ro.attention_mask[idx]
     logprobs, logits = response_logprobs(actor, qr, attn, ro.context_length, cfg.temperature)
-    values = token_scores(critic, qr, attn)[:, ro.context_length - 1:-1]   # before token t: at t-1
+    values = critic_values(critic, qr, attn, ro.context_length)
     # the ratio is taken against the rollout's log-probs (pi_old): they stay fixed over the epochs
     pg_loss, ratio = ppo_policy_loss(logprobs, ro.logprobs[idx], advantages[idx], m, cfg.cliprange)
     vf_loss = ppo_value_loss(values, ro.values[idx], returns[idx], m, cfg.cliprange_value)
@@ -1089,10 +1136,23 @@ def ppo_update(actor, critic, opt_actor, opt_critic, ro: Rollout, advantages, re
     return out
 
 
-def adaptive_kl(kl_coef: float, kl: float, target: float, batch: int, horizon: int = 10000):
-    """Ziegler et al.'s controller: nudge the coefficient so the measured KL nears the target."""
+def adaptive_kl(kl_coef: float, kl: float, target: float, batch: int, horizon: int):
+    """Ziegler et al. (2019)'s controller: KL above the target raises the coefficient, below it
+    lowers it, in proportion to the error (clipped to +-20 %, so one noisy batch moves it little)
+    and to the episodes seen (batch / horizon)."""
     err = min(max(kl / target - 1, -0.2), 0.2)
     return kl_coef * (1 + err * batch / horizon)
+
+
+def anneal_lr(opts: dict, cfg: Config, iteration: int) -> float:
+    """Set both PPO learning rates for this iteration (0-based): falling linearly from the
+    configured ones to 0 at the end, as in cleanRL's ppo.py, so the last updates are small and the
+    final policy stays where the run got it. Returns the actor's."""
+    frac = 1.0 - iteration / cfg.ppo_iterations if cfg.ppo_anneal_lr else 1.0
+    for name, lr in (("actor", cfg.ppo_lr), ("critic", cfg.ppo_vf_lr)):
+        for group in opts[name].param_groups:
+            group["lr"] = lr * frac
+    return cfg.ppo_lr * frac
 
 
 def ppo_advantages(ro: Rollout, cfg: Config, kl_coef: float) -> tuple:
@@ -1209,10 +1269,13 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
         for it in bar:
             set_seed(cfg.seed * 100_003 + it)       # each iteration is reproducible, resumed or not
             batch = [rows[i] for i in torch.randperm(len(rows))[:cfg.rollout_batch_size].tolist()]
-            rec = {"iteration": it + 1, **ppo_iteration(models, opts, tok, batch, cfg, kl_coef)}
+            lr = anneal_lr(opts, cfg, it)
+            rec = {"iteration": it + 1, "lr": lr,
+                   **ppo_iteration(models, opts, tok, batch, cfg, kl_coef)}
             history.append(rec)
-            if cfg.kl_target > 0:
-                kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size)
+            if cfg.kl_target > 0:           # the next iteration's coefficient, from this KL
+                kl_coef = adaptive_kl(kl_coef, rec["kl"], cfg.kl_target, cfg.rollout_batch_size,
+                                      cfg.kl_horizon)
             bar.set_postfix(score=f"{rec['rm_score']:.2f}", gold=f"{rec['gold_acc']:.2f}",
                             kl=f"{rec['kl']:.2f}", refresh=False)
             if (it + 1) % cfg.save_every == 0 or it + 1 == end:
@@ -1673,10 +1736,10 @@ def train_stage(stage: str, cfg: Config, device, train, evalset) -> tuple:
         model = load_score_model(cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor"),
                                  "1_actor.ipynb", device, cfg)
         history = train_reward(model, tok, train, evalset, cfg, device)
-        prompts = [r["prompt"] for r in train[:256]]
+        prompts = validation_prompts(cfg)
         sft = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
         answers = sample_answers(sft, tok, prompts, cfg)
-        history[-1]["reward_offset"] = set_reward_offset(model, tok, prompts, answers, cfg, device)
+        history[-1].update(set_reward_scale(model, tok, prompts, answers, cfg, device))
         return model, tok, history
     if stage == "dpo":
         model = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)

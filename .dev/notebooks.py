@@ -380,16 +380,24 @@ summed token by token — and gets most of these right: compare its `eval_reward
          for r, c, j in zip(evalset, chosen, rejected) if c <= j]
 print(len(wrong), "wrong pairs")
 pd.DataFrame(wrong).head(10)'''),
-    md("""
+    md(r"""
 ## Normalisation
 
-Score answers sampled from the SFT policy and store their mean as `reward_offset` in the RM's config;
-`util.reward_scores` subtracts it wherever the RM is used."""),
+A raw score means nothing by itself: another reward model, trained from another seed, puts the same
+answers somewhere else on its scale, and PPO's `kl_coef` weighs KL against that scale. So the score
+is put on a fixed one: sample answers from the SFT policy to **validation prompts** (a share of the
+training file, `Config.val_fraction`, that no stage trains on: on its own training prompts an RM
+scores higher), and store their mean and standard deviation in the RM's config. `util.reward_scores`
+then gives $\text{clip}\big((r - \mu)/\sigma, \pm 5\big)$: the SFT policy scores 0 ± 1, and one
+outlier answer cannot dominate a batch. The critic, which starts as this RM, gets the same shift and
+scale (`util.critic_values`), so its first values are on the rewards' scale."""),
     code('''actor = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
-prompts = [r["prompt"] for r in train[:256]]
-offset = util.set_reward_offset(rm, tok, prompts, util.sample_answers(actor, tok, prompts, cfg, desc="SFT answers"), cfg, device)
-print(f"reward offset (mean raw score of SFT answers): {offset:.3f}")
-metrics = {"preset": cfg.preset, "rm_seconds": rm_seconds, "eval_pairwise_acc": acc, "reward_offset": offset,
+prompts = util.validation_prompts(cfg)     # up to 256 prompts no stage trains on
+scale = util.set_reward_scale(rm, tok, prompts, util.sample_answers(actor, tok, prompts, cfg, desc="SFT answers"), cfg, device)
+print(f"SFT answers to {len(prompts)} validation prompts: raw score mean {scale['reward_offset']:.3f}, "
+      f"std {scale['reward_scale']:.3f}; the reward is clip((raw - mean) / std, ±{scale['reward_clip']:g})")
+'''),
+    code('''metrics = {"preset": cfg.preset, "rm_seconds": rm_seconds, "eval_pairwise_acc": acc, **scale,
            "history": history}
 print("saved", util.save_model(rm, tok, cfg.path("critic"), metrics))
 util.write_run_record(cfg, "rm", history)           # logs/rm.jsonl and the settings it ran with
@@ -431,7 +439,14 @@ part:
    and the value loss $\tfrac12\max\big((V-\hat R)^2, (V_{\text{clip}}-\hat R)^2\big)$ with the
    value clipped around its rollout value. With one epoch and one minibatch, $\rho=1$ always and the
    clip never acts. Gradients are clipped; dropout is off in all four models (otherwise $\rho\neq1$
-   before any update).
+   before any update). Both learning rates fall linearly to 0 over the run (`util.anneal_lr`).
+6. **KL control.** The RM is only a proxy: past some KL from SFT the policy earns score on answers
+   the RM wrongly likes (4_test's over-optimisation plot). An adaptive controller (Ziegler et al.
+   2019, `util.adaptive_kl`) steers $\beta$ after each iteration so the rollouts' KL nears
+   `kl_target`: $\beta \leftarrow \beta\,\big(1 + \mathrm{clip}(\mathrm{KL}/\mathrm{KL}_{\text{target}}
+   - 1, \pm0.2)\cdot B/H\big)$ for a batch of $B$ episodes and a horizon of $H$ (`kl_horizon`). The
+   RM's scores are on a fixed scale (2_critic: the SFT policy scores 0 ± 1 on validation prompts), so
+   a $\beta$ means the same whatever RM was trained.
 
 The **gold execution accuracy** of each rollout is logged beside the RM score, but never used for
 training: it tells us whether the policy is really getting better or only pleasing the RM.
@@ -635,23 +650,25 @@ its own folder (`model/try/`, from the same SFT and reward model), and draws bot
 takes as long as the run above. Running it again with other knobs starts that folder afresh and says
 which fields changed.
 
-1. **The leash.** `kl_coef=0.02`, ten times looser. What to look for: does the KL grow faster and
-   further, and the RM score climb higher? Does gold accuracy peak and then fall, as the policy
-   finds answers the RM wrongly likes? That is the over-optimisation curve of `4_test.ipynb` (the
-   two left panels: RM score and gold accuracy against KL). Then the other way, `kl_coef=1.0`: how
-   far does the policy still move?
+1. **The leash.** `kl_coef=0.02, kl_target=0`: ten times looser, and held there (the controller
+   off). What to look for: does the KL grow faster and further, and the RM score climb higher? Does
+   gold accuracy peak and then fall, as the policy finds answers the RM wrongly likes? That is the
+   over-optimisation curve of `4_test.ipynb` (the two left panels: RM score and gold accuracy
+   against KL). Then the other way, `kl_coef=1.0, kl_target=0`: how far does the policy still
+   move?
 2. **Reuse of a rollout.** `ppo_epochs=1` gives each rollout 4 steps on `tiny` (64 answers in
    minibatches of 16) instead of 16. Expect a lower clip fraction (the first minibatch always has
    ratio 1, and the others have moved little) and less learnt per rollout: compare the RM score at
    the same iteration. Then `cliprange=0.05`: the same ratios cross the narrower clip more often, so
    the clip fraction rises and each token's update stops sooner.
-3. **A KL target.** `kl_target=1.0` turns on the adaptive controller (`util.adaptive_kl`): each
-   iteration `kl_coef` moves towards the value that holds the KL near 1 nat. Watch the `kl_coef`
-   panel: with batches of 64 and a horizon of 10000 episodes it moves at most 0.2 × 64 / 10000 ≈
-   0.13 % per iteration, about 8 % over 60 iterations."""),
+3. **The KL target.** `kl_target=0` turns the controller off: `kl_coef` stays where it starts, and
+   the KL goes where the RM pulls it. Watch the `kl_coef` panel and the gold accuracy against KL.
+   Then `kl_target=4.0`, or `kl_horizon=10000` (Ziegler et al.'s, sized for runs of many more
+   episodes): with batches of 64 the coefficient then moves at most 0.2 × 64 / 10000 ≈ 0.13 % per
+   iteration, and the KL runs away as with no controller."""),
     code('''# True: one more PPO run (minutes on tiny); smoke runs it in seconds, as a test
 TRY = cfg.preset == "smoke"
-knobs = dict(kl_coef=cfg.kl_coef / 10)    # or ppo_epochs=1, cliprange=0.05, kl_target=1.0, ...
+knobs = dict(kl_coef=cfg.kl_coef / 10, kl_target=0)    # or ppo_epochs=1, cliprange=0.05, ...
 if TRY:
     cfg2 = dataclasses.replace(cfg, **knobs, out_dir=str(cfg.path("try")))
     for d in ("actor", "critic"):          # the same SFT and reward model: only the knobs differ
@@ -743,6 +760,19 @@ if ppo_history:
           "not_measured": {} if has_gold else {"exec_acc": util.no_gold_note(0, len(evalset))}}
 util.write_json(report, cfg.path("report.json"))
 print("wrote", cfg.path("report.json"))'''),
+    md("""
+## Across seeds
+
+One run is not a result: the seed changes the tiny base model, SFT's batches, the reward model and
+every sampled rollout, and an RL stage can land anywhere in a range. `make seeds` runs this whole
+pipeline (every notebook) for seeds 0, 1 and 2 and writes `docs/seeds.json` and the table below:
+mean ± standard deviation, and the worst seed in brackets."""),
+    code('''seeds = util.ROOT / "docs" / "seeds.md"
+if seeds.exists():
+    from IPython.display import Markdown, display
+    display(Markdown(seeds.read_text()))
+else:
+    print("no docs/seeds.md yet: `make seeds` runs the whole pipeline for 3 seeds and writes it")'''),
 ]
 
 # --------------------------------------------------------------------------------------------------- 5_dpo

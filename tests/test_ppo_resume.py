@@ -35,15 +35,18 @@ def test_what_resumes_and_what_does_not(micro_dirs, rows, tmp_path, capsys):
     cfg = _cfg(micro_dirs, tmp_path)
     util.train_ppo(cfg, "cpu", rows=rows, stop_after=1)
     path = tmp_path / "rlhf"
-    # knobs that do not change what PPO computes: a longer run, saving, evaluation, memory layout,
-    # other stages' knobs
-    same = dataclasses.replace(cfg, ppo_iterations=50, save_every=7, eval_batch_size=3,
+    # knobs that do not change what PPO computes: saving, evaluation, memory layout, other stages'
+    # knobs
+    same = dataclasses.replace(cfg, save_every=7, eval_batch_size=3,
                                micro_batch_size=2, dpo_beta=0.5, grpo_lr=1.0, sft_epochs=9)
     assert util.load_ppo_state(path, same, rows) is not None
     capsys.readouterr()
     other = dataclasses.replace(cfg, cliprange=0.1, ppo_epochs=3)
     assert util.load_ppo_state(path, other, rows) is None
     assert "ppo_epochs 1 -> 3, cliprange 0.2 -> 0.1: starting PPO afresh" in capsys.readouterr().out
+    # a longer run is another learning-rate schedule (it anneals to 0 at the last iteration)
+    assert util.load_ppo_state(path, dataclasses.replace(cfg, ppo_iterations=50), rows) is None
+    assert "ppo_iterations 2 -> 50: starting PPO afresh" in capsys.readouterr().out
     assert util.load_ppo_state(path, cfg, rows[::-1]) is None              # other prompts
     assert "other prompts" in capsys.readouterr().out
     state = json.loads((path / "state.json").read_text())

@@ -336,7 +336,10 @@ def test_ppo_killed_by_sigterm_then_resumed(stage, rows, capsys):
     assert "site-packages" not in text.split("TrainingStopped")[0].split("Traceback")[-1]   # no torch frames
     state = _ppo_files_complete(out)                                  # nothing half-written in the checkpoint
     assert state["iteration"] == k
-    resumed = util.train_ppo(dataclasses.replace(stage, ppo_iterations=k + 1), "cpu", rows=rows)
+    # the child's settings (its 1000 iterations shape the learning-rate schedule): one more iteration
+    child_cfg = dataclasses.replace(stage, ppo_iterations=1000, save_every=1, rollout_batch_size=8,
+                                    ppo_minibatch_size=4, ppo_epochs=2, max_response_tokens=24)
+    resumed = util.train_ppo(child_cfg, "cpu", rows=rows, stop_after=1)
     assert f"resuming PPO from iteration {k}" in capsys.readouterr().out
     assert len(resumed) == k + 1 and resumed[:k] == state["history"]
     assert not [p for p in Path(stage.out_dir).iterdir() if p.name.endswith((".tmp", ".old"))]
