@@ -24,13 +24,15 @@ def main(argv=None) -> int:
     ap.add_argument("--base", required=True, help="out_dir holding actor/ and critic/")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--kl-coef", type=float, help="the coefficient the controller starts from")
     ap.add_argument("--json", default=str(ROOT / "docs" / "kl_sweep.json"))
     args = ap.parse_args(argv)
     base = Path(args.base)
     results = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
     for target in args.targets:
         out = base / "sweep" / f"kl_target_{target:g}"
-        cfg = util.get_config(args.preset, out_dir=str(out), kl_target=target)
+        more = {} if args.kl_coef is None else {"kl_coef": args.kl_coef}
+        cfg = util.get_config(args.preset, out_dir=str(out), kl_target=target, **more)
         for d in ("actor", "critic"):
             if not cfg.path(d).exists():
                 cfg.path(d).parent.mkdir(parents=True, exist_ok=True)

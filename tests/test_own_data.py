@@ -56,12 +56,17 @@ def test_fixture_is_reproducible(tmp_path):
 def test_every_stage_runs_on_chat_pairs_and_says_what_it_used(run):
     cfg, out = run
     printed = {stage: text for stage, (_, text) in out.items()}
-    assert ("SFT training rows: 64 of 64 rows have no 'response': SFT uses their 'chosen' answer"
+    # 2 of the first 64 pairs are held out for validation (Config.val_fraction): 62 train
+    assert "2 held out for validation (Config.val_fraction=0.05)" in printed["sft"]
+    assert ("SFT training rows: 62 of 62 rows have no 'response': SFT uses their 'chosen' answer"
             in printed["sft"])
-    assert "SFT: 64 training rows used, 16 held-out rows" in printed["sft"]
-    assert "reward model: 64 training pairs used, 16 held-out pairs" in printed["rm"]
-    assert f"prompts: 60 rows from {FIX / 'chat_prompts.txt'}" in printed["ppo"]   # .txt feeds PPO
-    assert "DPO: 64 training pairs used, 16 held-out pairs" in printed["dpo"]
+    assert "SFT: 62 training rows used, 16 held-out rows" in printed["sft"]
+    assert "reward model: 62 training pairs used, 16 held-out pairs" in printed["rm"]
+    # the reward's scale is measured on SFT answers to the 2 validation prompts
+    assert "preference pairs (val): 2 of 64 rows" in printed["rm"]
+    assert (f"prompts (train): 58 of 60 rows from {FIX / 'chat_prompts.txt'}"
+            in printed["ppo"])                                              # .txt feeds PPO
+    assert "DPO: 62 training pairs used, 16 held-out pairs" in printed["dpo"]
     assert "leakage: 0 of 16 evaluation prompts are also in the SFT demonstrations" in \
         printed["sft"]
     for stage, (summary, _) in out.items():
@@ -131,13 +136,16 @@ def test_grpo_without_a_verifiable_reward_refuses_at_its_start_or_uses_the_rm(ru
 
 
 def test_shipped_data_gives_the_same_rows_in_the_same_order():
-    """The tiny preset's stages read exactly the rows they read before the data sources existed."""
+    """The tiny preset's stages read the rows they read before the data sources existed, in the
+    same order, less the validation split (the same prompts held out for every stage)."""
     cfg = util.get_config("tiny")
-    train = util.load_rows(ROOT / "dataset" / "train.json", limit=cfg.n_train)
+    everything = util.load_rows(ROOT / "dataset" / "train.json", limit=cfg.n_train)
+    train = [r for r in everything if not util.in_validation(r["prompt"], cfg.val_fraction)]
+    assert 0.9 * len(everything) < len(train) < len(everything)
     for kind in ("sft", "pref", "prompt"):
         rows = util.load_data(cfg, kind)
         assert rows == train and util.with_fields(rows, ("chosen", "rejected"), "x") == train, kind
-    assert util.demonstrations(train, "x") is train
+    assert util.demonstrations(rows, "x") is rows
     shipped_eval = util.load_rows(ROOT / "dataset" / "eval.json", limit=cfg.n_eval)
     assert util.load_data(cfg, "eval") == shipped_eval
 

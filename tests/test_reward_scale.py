@@ -106,7 +106,7 @@ def test_the_critic_starts_on_the_rewards_scale(micro_dirs, tok, rows):
     assert torch.allclose(values, (raw[:, lq - 1:-1] - 0.3) / 0.5, atol=1e-5)   # and no clip
 
 
-def test_rm_stage_scales_on_validation_prompts(monkeypatch):
+def test_validation_prompts_are_never_trained_on():
     cfg = util.get_config("tiny")
     prompts = util.validation_prompts(cfg)
     assert len(prompts) == 256 and all(util.in_validation(p, cfg.val_fraction) for p in prompts)

@@ -1,0 +1,67 @@
+"""seeds.py (`make seeds`): what it reads from each seed's run, its table and the PPO targets."""
+import json
+
+import pytest
+
+import seeds
+
+
+def _seed_dir(path, sft, ppo, kl, rm_acc=0.9, target=1.0):
+    models = {"SFT": {"exec_acc_greedy": sft[0], "exec_acc_sampled": sft[1], "kl_to_sft": 0.0},
+              "RLHF (PPO)": {"exec_acc_greedy": ppo[0], "exec_acc_sampled": ppo[1],
+                             "kl_to_sft": kl}}
+    (path / "critic").mkdir(parents=True)
+    (path / "rlhf").mkdir()
+    (path / "report.json").write_text(json.dumps({"models": models, "n_eval_prompts": 600}))
+    (path / "critic" / "metrics.json").write_text(json.dumps({"eval_pairwise_acc": rm_acc}))
+    (path / "rlhf" / "run_config.json").write_text(json.dumps({"kl_target": target}))
+    hist = [{"kl": k} for k in (9, 9, 1, 1, 1, 1, 2)]          # the last 5: mean 1.2
+    (path / "rlhf" / "metrics.json").write_text(json.dumps(hist))
+    return path
+
+
+@pytest.fixture
+def three(tmp_path):
+    return {0: seeds.collect(_seed_dir(tmp_path / "0", (0.70, 0.70), (0.95, 0.90), 1.1)),
+            1: seeds.collect(_seed_dir(tmp_path / "1", (0.70, 0.74), (0.91, 0.88), 1.4)),
+            2: seeds.collect(_seed_dir(tmp_path / "2", (0.60, 0.60), (0.89, 0.84), 0.6, 0.8))}
+
+
+def test_collect_reads_the_report_the_rm_and_ppo(three):
+    assert three[0]["RLHF (PPO)"] == {"exec_acc_greedy": 0.95, "exec_acc_sampled": 0.90,
+                                      "kl": 1.1, "train_kl_last5": pytest.approx(1.2),
+                                      "kl_target": 1.0}
+    assert three[2]["RM"] == {"rm_acc": 0.8}
+
+
+def test_summary_is_mean_sd_min_max_over_seeds(three):
+    s = seeds.summary(three)["RLHF (PPO)"]["exec_acc_sampled"]
+    assert s["mean"] == pytest.approx(0.8733333) and s["min"] == 0.84 and s["max"] == 0.90
+    assert s["sd"] == pytest.approx(0.0305505, rel=1e-5)          # the sample sd (n - 1)
+    table = seeds.table(three, "tiny", 600)
+    assert "| RLHF (PPO) | 0.917 ± 0.031 (0.890) | 0.873 ± 0.031 (0.840) |" in table
+    assert "held-out pairwise accuracy: 0.867 ± 0.058 (min 0.800)" in table
+
+
+def test_targets_are_checked_on_every_seed(three):
+    lines = seeds.check_targets(three)
+    # seed 0 meets all; seed 1: +0.14 over SFT, KL +40 %; seed 2: sampled 0.84, greedy 0.89, KL -40 %
+    missed = [line for line in lines if line.endswith("MISSED")]
+    assert missed == [
+        "seed 1: PPO sampled >= SFT sampled + 0.15: MISSED",
+        "seed 1: PPO held-out KL 1.40 within 30% of target 1 (+40%): MISSED",
+        "seed 2: PPO sampled >= 0.85: MISSED",
+        "seed 2: PPO greedy >= 0.90: MISSED",
+        "seed 2: PPO held-out KL 0.60 within 30% of target 1 (-40%): MISSED",
+        "PPO sampled spread 0.060 <= 0.05: MISSED"]
+    assert "seed 0: PPO held-out KL 1.10 within 30% of target 1 (+10%): ok" in lines
+
+
+def test_readme_table_is_replaced_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n")
+    seeds.write_readme("table one", readme)
+    seeds.write_readme("table two", readme)
+    text = readme.read_text()
+    assert text.count(seeds.README_START) == 1 and "table two" in text and "table one" not in text
+    assert text.startswith("# x\n\nbefore\n")
