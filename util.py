@@ -32,9 +32,10 @@ hold; util re-exports the names the notebooks use (util.load_rows, util.evaluate
   stages.py         run_stage: one stage trained, saved and logged without its notebook
   cli.py            the command line (`python util.py ...` runs cli.main) and the report
 
-torch, like transformers, is imported inside the functions that use it, not at the top: in Colab
-the notebooks import util before util.colab_setup pip-installs the requirements, and pip must
-run before torch (and the numpy it loads) is imported (tests/test_reliability.py checks it).
+torch is imported here at the top; transformers and peft inside the functions that use them. In
+Colab the notebooks' first cell runs runtime.colab_setup, which pip-installs the requirements,
+before anything imports util: pip must run before torch (and the numpy it loads) is imported, so
+runtime.py imports neither (tests/test_reliability.py checks it).
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 from config_checks import ConfigError, check_config
 from data_files import (DATA_SOURCES, DataError, Rows, check_grpo_reward, data_source,
@@ -246,7 +250,6 @@ def default_preset() -> str:
     """RLHF_PRESET if set, else opt with a GPU and a reachable hub, else tiny."""
     if os.environ.get("RLHF_PRESET"):
         return os.environ["RLHF_PRESET"]
-    import torch
     if torch.cuda.is_available() and hub_reachable():
         return "opt"
     return "tiny"
@@ -302,14 +305,14 @@ def add_lora(model, cfg: Config):
                       task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     import warnings
-    import torch
-    # the adapters' random initial weights come from the config's seed, not from whatever used the random
-    # generator before (a notebook's earlier cells, an earlier run): a resumed run rebuilds the same adapters,
-    # and the generator's state outside is left as it was
+    # the adapters' random initial weights come from the config's seed, not from whatever used the
+    # random generator before (a notebook's earlier cells, an earlier run): a resumed run rebuilds
+    # the same adapters, and the generator's state outside is left as it was
     cuda = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
     with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
         torch.manual_seed(cfg.seed)
-        warnings.simplefilter("ignore", FutureWarning)  # peft calls a method transformers 5 deprecates
+        # peft calls a method transformers 5 deprecates
+        warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, lora)
 
 
@@ -319,7 +322,6 @@ def add_lora(model, cfg: Config):
 def reference_model(actor, ref):
     """The frozen reference policy: the SFT copy `ref`, or with LoRA (ref=None) the actor itself
     with its adapters switched off, so only one copy of the base weights is held."""
-    import torch
     with torch.no_grad():
         if ref is not None:
             yield ref
@@ -335,7 +337,6 @@ def generate(model, tok, prompts: list[str], cfg: Config, greedy: bool = False,
              temperature: float | None = None):
     """Batched KV-cached generation: returns (query+response ids [B, Lq+Lr], prompt mask, prompt
     length)."""
-    import torch
     ids, mask = encode_prompts(tok, prompts, cfg.max_prompt_tokens)
     device = next(model.parameters()).device
     # greedy, or pure temperature sampling
@@ -353,7 +354,6 @@ def generate(model, tok, prompts: list[str], cfg: Config, greedy: bool = False,
 
 def first_eos_index(responses, eos_id: int):
     """Index of the first EOS in each response; the last index when there is none."""
-    import torch
     is_eos = responses == eos_id
     last = torch.full_like(is_eos[:, 0], responses.shape[1] - 1, dtype=torch.long)
     idx = torch.where(is_eos.any(1), is_eos.int().argmax(1), last)
@@ -362,7 +362,6 @@ def first_eos_index(responses, eos_id: int):
 
 def response_mask(responses, eos_id: int):
     """1 up to and including the first EOS, 0 after it (those tokens are not part of the answer)."""
-    import torch
     end, _ = first_eos_index(responses, eos_id)
     return (torch.arange(responses.shape[1], device=responses.device)[None] <= end[:, None]).long()
 
@@ -389,7 +388,6 @@ def sample_answers(model, tok, prompts: list[str], cfg: Config, greedy: bool = F
 def logprobs_from_logits(logits, tokens, temperature: float = 1.0):
     """log p(token) under softmax(logits / temperature): the same temperature the tokens were
     sampled with."""
-    import torch
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -427,7 +425,6 @@ def label_logits(model, ids, mask, labels):
 
 def sft_loss(model, batch, device):
     """Mean cross-entropy over response tokens, the label of each position being the next token."""
-    import torch.nn.functional as F
     ids, mask, labels = (t.to(device) for t in batch)
     logits, predicts = label_logits(model, ids, mask, labels)
     return F.cross_entropy(logits.float(), labels[:, 1:][predicts])
@@ -435,7 +432,6 @@ def sft_loss(model, batch, device):
 
 def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) -> float:
     """Held-out SFT loss, token-weighted."""
-    import torch
     model.eval()
     tot, n = 0.0, 0
     with torch.no_grad():
@@ -509,7 +505,6 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device,
 def last_token_index(attention_mask):
     """Index of the last real token of each row, for left or right padding (the EOS of the answer).
     """
-    import torch
     pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (pos[None] * attention_mask).argmax(1)
 
@@ -531,7 +526,6 @@ def token_scores(model, input_ids, attention_mask, cache=None):
 
 def at_last_token(per_token, attention_mask):
     """Per-token scores read at the last real token of each row (the EOS, not a pad after it)."""
-    import torch
     rows = torch.arange(len(per_token), device=per_token.device)
     return per_token[rows, last_token_index(attention_mask)]
 
@@ -554,14 +548,12 @@ def reward_scores(model, input_ids, attention_mask, normalized: bool = True):
 
 def pairwise_loss(r_chosen, r_rejected):
     """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), averaged."""
-    import torch.nn.functional as F
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
 def mistake_positions(ids_chosen, ids_rejected, mask_chosen, mask_rejected):
     """1 on the rejected tokens from the first one that departs from the chosen answer up to its
     EOS."""
-    import torch
     differs = (ids_chosen != ids_rejected) & ((mask_chosen + mask_rejected) > 0)
     first = differs.int().argmax(1)
     pos = torch.arange(ids_rejected.shape[1], device=ids_rejected.device)[None]
@@ -572,7 +564,6 @@ def shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner):
     """Per-token scores of answers that share prompts: each prompt runs through the model once and
     its cached keys/values serve all its answers (InstructGPT's trick: K answers cost one prompt,
     not K)."""
-    import torch
     full_mask = torch.cat([prompt_mask[owner], mask], 1)
     if unwrap(model).is_activation_checkpointing and unwrap(model).training:
         # gradient checkpointing returns no cache in training: read each prompt again with each of
@@ -588,7 +579,6 @@ def reward_loss(model, prompt_ids, prompt_mask, ids, mask, owner, c, r, prefix_w
     """(loss, chosen scores, rejected scores) of one ranking_batch: the pairwise loss of every
     (chosen, rejected) pair, plus prefix_weight times the same loss on each rejected prefix that
     already holds the mistake."""
-    import torch
     # every answer of a prompt (chosen, its rejected ones) in one pass that reads the prompt once
     per_token = shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner)
     s = at_last_token(per_token, mask)
@@ -674,7 +664,6 @@ def set_reward_scale(model, tok, prompts, policy_answers, cfg: Config, device) -
     """Normalise: store in the model's config the mean and std of the raw scores of the SFT
     policy's answers (to validation prompts: on its own training prompts an RM scores high), and
     the clip; reward_scores applies them. Returns {reward_offset, reward_scale, reward_clip}."""
-    import torch
     raw = torch.tensor(score_texts(model, tok, prompts, policy_answers, cfg, device,
                                    normalized=False))
     std = float(raw.std()) if len(raw) > 1 else 1.0
@@ -1029,7 +1018,6 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
 def answer_logprobs(model, ids, mask, labels):
     """log pi(answer | prompt) of each row: the sum of the log-probs of its labelled (answer)
     tokens."""
-    import torch
     logits, predicts = label_logits(model, ids, mask, labels)
     logp = logprobs_from_logits(logits, labels[:, 1:][predicts])
     row = predicts.nonzero()[:, 0]              # the row each labelled token belongs to
@@ -1038,7 +1026,6 @@ def answer_logprobs(model, ids, mask, labels):
 
 def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid"):
     """DPO loss and the implicit rewards beta * log(pi / pi_ref) of chosen and rejected answers."""
-    import torch.nn.functional as F
     # how much more the policy prefers chosen than the reference does
     h = (logp_c - ref_c) - (logp_r - ref_r)
     if loss_type == "sigmoid":                     # DPO: Bradley-Terry on the implicit rewards
@@ -1053,7 +1040,6 @@ def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoi
 
 def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int = 64) -> dict:
     """Implicit-reward accuracy and margin on held-out pairs, no gradient."""
-    import torch
     if not rows:                                # no held-out pairs: nothing measured (not 0)
         return {"eval_reward_acc": float("nan"), "eval_margin": float("nan")}
     acc, margin = [], []
@@ -1075,7 +1061,6 @@ def dpo_step(model, wrapped, ref, tok, opt, scaler, rows: list[dict], cfg: Confi
              step: int) -> list[float]:
     """One optimizer step of DPO on a batch of pairs, in micro-batches; returns [loss, reward
     accuracy, margin, chosen reward, rejected reward]."""
-    import torch
     opt.zero_grad(set_to_none=True)
     loss_sum, pair_stats = 0.0, []
     for part in micro_batches(rows, cfg):
@@ -1172,7 +1157,6 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange:
     """(loss, per-token KL, ratio) of GRPO: PPO's clipped surrogate with one advantage per answer,
     plus kl_coef times the k3 KL to the reference inside the loss; a mean over each answer's tokens,
     then answers."""
-    import torch
     # the log-probs are masked before anything is exponentiated: after the EOS they score pads, and
     # exp(ref - policy) of such a position can overflow to inf, which a mask applied afterwards
     # turns into NaN
@@ -1189,7 +1173,6 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange:
 def grpo_samples(actor, ref, rm, tok, group: list[dict], cfg: Config) -> dict:
     """One answer sampled per row of `group`, its rewards (execution, format, RM if weighted) and,
     without gradients, its log-probs under the policy and the reference."""
-    import torch
     qr, prompt_mask, lq = generate(actor, tok, [r["prompt"] for r in group], cfg)
     responses = qr[:, lq:]
     mask = response_mask(responses, tok.eos_token_id).float()
@@ -1213,7 +1196,6 @@ def grpo_samples(actor, ref, rm, tok, group: list[dict], cfg: Config) -> dict:
 def grpo_update(actor, opt, s: dict, adv, cfg: Config, scaler=None) -> dict:
     """grpo_epochs passes of clipped updates over shuffled minibatches of the samples `s`; the mean
     loss, KL and clip fraction."""
-    import torch
     stats = {k: [] for k in ("loss", "kl", "clipfrac")}
     actor.train()
     for epoch in range(cfg.grpo_epochs):
@@ -1270,7 +1252,6 @@ def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config, scaler=None) -> 
 def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
     """The GRPO loop from the SFT actor; returns (trained actor, history). Saving is the notebook's
     job."""
-    import torch
     one_process_only("GRPO")
     rows = rows if rows is not None else load_data(cfg, "prompt")
     check_grpo_reward(rows, cfg)                # before anything is loaded: no reward, no learning
