@@ -694,7 +694,6 @@ def masked_whiten(x, mask, shift_mean: bool = True):
 def kl_per_token(logprobs, ref_logprobs, estimator: str = "k1"):
     """Per-token KL estimate from samples of the policy: k1 = log(p/q) (unbiased, can be < 0),
     k3 = q/p - 1 - log(q/p) (unbiased and always >= 0, lower variance)."""
-    import torch
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
@@ -706,7 +705,6 @@ def kl_per_token(logprobs, ref_logprobs, estimator: str = "k1"):
 def place_rewards(scores, kl, mask, end_index, kl_coef: float):
     """Per-token rewards: -kl_coef * KL on every answer token, plus the RM score on the EOS token
     only (not on a pad after it, and not spread over the answer)."""
-    import torch
     rewards = -kl_coef * kl * mask
     rewards[torch.arange(len(scores), device=scores.device), end_index] += scores
     return rewards
@@ -714,7 +712,6 @@ def place_rewards(scores, kl, mask, end_index, kl_coef: float):
 
 def gae_advantages(rewards, values, mask, gamma: float, lam: float):
     """Generalised advantage estimation, backwards over the answer; nothing flows in after EOS."""
-    import torch
     rewards, values = rewards * mask, values * mask
     last, adv = 0.0, []
     for t in reversed(range(rewards.shape[1])):
@@ -755,7 +752,6 @@ def critic_values(critic, query_responses, attention_mask, context_length: int):
 
 def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None = None) -> Rollout:
     """Sample answers with the policy, then score them with the reference, critic and RM."""
-    import torch
     t0 = time.time()
     qr, prompt_mask, lq = generate(actor, tok, [r["prompt"] for r in rows], cfg)
     t1 = time.time()
@@ -785,7 +781,6 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
     """PPO's clipped surrogate, token-mean: (loss, ratio). The ratio pi/pi_old may move at most
     1 +- cliprange in the direction the advantage rewards; past that the clipped term is the larger
     loss and its gradient is 0."""
-    import torch
     ratio = torch.exp((logprobs - old_logprobs) * mask)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
     return masked_mean(losses, mask), ratio
@@ -795,7 +790,6 @@ def ppo_value_loss(values, old_values, returns, mask, cliprange_value: float):
     """The critic's clipped squared error, token-mean, halved: a new value may move at most
     cliprange_value from the rollout's value before its error stops counting for it (the larger of
     the two errors is kept)."""
-    import torch
     clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
@@ -816,7 +810,6 @@ def ppo_losses(actor, critic, ro: Rollout, idx, advantages, returns, cfg: Config
 def minibatch_stats(out: dict, ro: Rollout, idx, cfg: Config) -> dict:
     """What to watch while updating, token-means over the answers idx (0-dim tensors): the losses,
     how often the clips act, the approximate KL to pi_old and the policy's entropy."""
-    import torch
     m = ro.mask[idx]
     with torch.no_grad():
         p = torch.softmax(out["logits"].float() / cfg.temperature, -1)
@@ -833,7 +826,6 @@ def minibatch_stats(out: dict, ro: Rollout, idx, cfg: Config) -> dict:
 def ppo_update(actor, critic, opt_actor, opt_critic, ro: Rollout, advantages, returns, cfg: Config,
                scaler=None) -> dict:
     """ppo_epochs passes of clipped PPO over shuffled minibatches of a rollout; mean statistics."""
-    import torch
     stats, first = [], 0.0          # first: max |ratio - 1| on the first minibatch, before any step
     for epoch in range(cfg.ppo_epochs):     # several passes on a rollout: the clip keeps them safe
         perm = torch.randperm(len(ro.scores))
@@ -887,7 +879,6 @@ def ppo_advantages(ro: Rollout, cfg: Config, kl_coef: float) -> tuple:
     """(kl, rewards, advantages, returns) of a rollout: per-token KL to the reference, rewards (the
     KL penalty on every answer token, the RM score on the EOS), GAE advantages whitened over the
     answer tokens, and the returns the critic learns."""
-    import torch
     kl = kl_per_token(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * ro.mask
     scores = ro.scores
     if cfg.whiten_rewards:              # unit spread batch to batch; the mean score is kept
@@ -972,7 +963,6 @@ def load_ppo_models(cfg: Config, device, state: dict | None = None) -> tuple:
 
 def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> list[dict]:
     """The PPO loop with periodic atomic checkpoints; a re-run with the same settings resumes."""
-    import torch
     one_process_only("PPO")
     out = cfg.path("rlhf")
     tok = load_tokenizer(_require(cfg.path("actor")))
