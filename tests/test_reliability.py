@@ -511,8 +511,9 @@ def test_same_seed_same_metrics(micro_dirs, rows, tok, tmp_path):
 def test_colab_setup_cell_installs_without_touching_torch(tmp_path):
     setups = set()
     for nb in sorted(ROOT.glob("[0-9]_*.ipynb")):
-        # the code cells up to the set-up cell (cfg = ...), without the parameters cell: the Colab bootstrap
-        # (it finds util.py in the cwd here and calls runtime.colab_setup) and the set-up (import util)
+        # the code cells up to the set-up cell (cfg = ...), without the parameters cell: the Colab
+        # bootstrap (it finds util.py in the cwd here and calls runtime.colab_setup) and the set-up
+        # (import util)
         cells = [c for c in json.loads(nb.read_text())["cells"]
                  if c["cell_type"] == "code" and "parameters" not in c["metadata"].get("tags", [])]
         end = next(i for i, c in enumerate(cells) if "util.get_config(" in "".join(c["source"]))
