@@ -1,6 +1,7 @@
 """Reading data files: JSON, JSON lines, Parquet, .txt prompts or a hub dataset, in any of the usual
 row shapes (aliases, chats, HH-style shared prompts), as rows of prompt / chosen / rejected /
-response; the Config's data sources; hygiene (leakage, missing fields). util re-exports these."""
+response; the Config's data sources and the validation split; hygiene (leakage, missing fields,
+whether GRPO's prompts can be rewarded at all). util re-exports these."""
 from __future__ import annotations
 
 import hashlib
@@ -10,13 +11,16 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from config_checks import ConfigError
 from runtime import hub_reachable
 
 if TYPE_CHECKING:
     from util import Config
 
-FIELD_ALIASES = {"prompt": ["prompt", "question", "query"], "chosen": ["chosen", "response_chosen", "answer"],
-                 "rejected": ["rejected", "response_rejected", "negative"], "response": ["response"]}
+FIELD_ALIASES = {"prompt": ["prompt", "question", "query"],
+                 "chosen": ["chosen", "response_chosen", "answer"],
+                 "rejected": ["rejected", "response_rejected", "negative"],
+                 "response": ["response"]}
 # chat messages ([{"role", "content"}, ...]) become text in the shipped prompts' style:
 # "Human: ... Assistant: ..."
 ROLE_NAMES = {"user": "Human", "human": "Human", "assistant": "Assistant", "gpt": "Assistant",
@@ -75,7 +79,8 @@ def _read_records(path: Path) -> list[tuple[int, object]]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}): save the file as "
+                        "UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     # split on \n (a CRLF's \r is dropped): str.splitlines would also split a JSON string at U+2028,
@@ -331,6 +336,17 @@ def load_data(cfg: Config, kind: str, limit: int | None = None, split: str = "tr
     return part
 
 
+def validation_prompts(cfg: Config, n: int = 256) -> list[str]:
+    """Up to n prompts of the validation split of the preference data (no stage trains on them);
+    the training prompts, said so, when the data is too small to hold any out."""
+    try:
+        rows = load_data(cfg, "pref", split="val")
+    except ValueError as e:
+        print(f"{e}: the training prompts stand in for validation prompts")
+        rows = load_data(cfg, "pref")
+    return [r["prompt"] for r in rows[:n]]
+
+
 def _normal(prompt: str) -> str:
     """A prompt with each whitespace run made one space: the same question typed twice is equal."""
     return " ".join(prompt.split())
@@ -377,3 +393,19 @@ def demonstrations(rows: list[dict], what: str) -> list[dict]:
     print(f"{what}: {n} of {len(rows)} rows have no 'response': SFT uses their 'chosen' answer "
           f"instead{left}")
     return out
+
+
+def check_grpo_reward(rows: list[dict], cfg: Config) -> None:
+    """Refuse GRPO when no answer can be rewarded: no setup_sql anywhere, the reward model off."""
+    n = sum("setup_sql" in r for r in rows)
+    if n == 0 and cfg.grpo_rm_weight <= 0:
+        raise ConfigError(
+            "GRPO has no reward for these prompts: none has 'setup_sql' (the tables an answer "
+            "is executed on), so no answer can be checked, and Config.grpo_rm_weight=0 leaves the "
+            "reward model out. Set grpo_rm_weight > 0 (e.g. 1.0) to reward the answers with the "
+            "reward model (train it first: 2_critic.ipynb or `python util.py rm`), or give the "
+            "rows setup_sql.")
+    if n < len(rows):
+        by = "the reward model only" if cfg.grpo_rm_weight > 0 else "nothing (set grpo_rm_weight)"
+        print(f"GRPO: {len(rows) - n} of {len(rows)} prompts have no 'setup_sql': execution and "
+              f"format rewards need it, so their answers are rewarded by {by}")

@@ -1,34 +1,41 @@
 """tiny-rlhf: the RLHF pipeline the notebooks share, in the order they run it.
 
-  config      Config (every knob), PRESETS (smoke, tiny, opt), get_config, load_config
-  tokenizer   encoding prompts and answers; the rows whose answers fit the token limits
-  models      LoRA adapters; the frozen reference policy
-  generation  sampling answers; the log-probs of the tokens sampled
-  SFT         supervised fine-tuning on demonstrations: batches, the optimizer step, the loss
-  reward      the reward model: a scalar head, the pairwise (Bradley-Terry) loss, its training
-  PPO         rollout, KL-penalised rewards, GAE, the clipped policy and value losses, the loop
-  DPO / GRPO  preference optimisation without a reward model; group-relative RL on rewards
-  evaluation  execution accuracy, RM score, KL to SFT, win rate
-  plotting    training curves, a function's source shown in a notebook
-  one stage   run_stage: a stage trained, saved and logged without its notebook
+  config        Config (every knob), PRESETS (smoke, tiny, opt), get_config, load_config
+  models        LoRA adapters; the frozen reference policy
+  generation    sampling answers; the log-probs of the tokens sampled
+  SFT           supervised fine-tuning on demonstrations: the loss, one step, the loop
+  reward        the reward model: a scalar head, the pairwise (Bradley-Terry) loss, its training,
+                its scale (mean 0, std 1 on the SFT policy's answers)
+  PPO           rollout, KL-penalised rewards, GAE, the clipped policy and value losses, the loop
+  DPO / GRPO    preference optimisation without a reward model; group-relative RL on rewards
+  command line  `python util.py ...` runs cli.main
 
 The losses (pairwise_loss, ppo_policy_loss, ppo_value_loss, dpo_loss, grpo_loss, group_advantages)
 are small pure functions that the loops, the notebooks and the tests share.
 
 The plumbing a learner need not read lives beside this file, in modules named for what they
-hold; util re-exports the names the notebooks use (util.load_rows, util.stop_cleanly, ...):
+hold; util re-exports the names the notebooks use (util.load_rows, util.evaluate_policy, ...):
   sql_data.py       the synthetic text-to-SQL preference set and its gold metric (execute_sql)
-  data_files.py     reading data files and hub datasets, the Config's data sources, leakage
+  data_files.py     reading data files and hub datasets, the Config's data sources, the validation
+                    split, leakage
   config_checks.py  checking a Config's fields: types, ranges, names, limits
   runtime.py        device, precision, processes (accelerate), seeds, Colab, the hub, progress bars
   model_files.py    models and the tokenizer built, downloaded, loaded ready to train, checked
+  encoding.py       text to token ids and padded batches: SFT examples, ranking and pair batches;
+                    the rows whose answers fit the token limits
+  training.py       around every loss: batches, micro-batches, AdamW, fp16 loss scaling, the
+                    clipped optimizer step, the NaN check
+  evaluation.py     measured without gradients: RM scores, execution accuracy, KL to SFT, win rate
   saving.py         atomic saves, JSON and the run record in logs/, PPO's checkpoint files
   stopping.py       a stage stopped cleanly on Ctrl-C, SIGTERM, a NaN or out-of-memory
+  plotting.py       training curves, a function's source shown in a notebook
+  stages.py         run_stage: one stage trained, saved and logged without its notebook
   cli.py            the command line (`python util.py ...` runs cli.main) and the report
 
-torch, like transformers, is imported inside the functions that use it, not at the top: in Colab
-the notebooks import util before util.colab_setup pip-installs the requirements, and pip must
-run before torch (and the numpy it loads) is imported (tests/test_reliability.py checks it).
+torch is imported here at the top; transformers and peft inside the functions that use them. In
+Colab the notebooks' first cell runs runtime.colab_setup, which pip-installs the requirements,
+before anything imports util: pip must run before torch (and the numpy it loads) is imported, so
+runtime.py imports neither (tests/test_reliability.py checks it).
 """
 from __future__ import annotations
 
@@ -41,12 +48,22 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from config_checks import ConfigError, check_config
-from data_files import (DATA_SOURCES, DataError, Rows, data_source, demonstrations, in_validation,
-                        leaked_prompts, load_data, load_rows, report_leakage, with_fields)
+from data_files import (DATA_SOURCES, DataError, Rows, check_grpo_reward, data_source,
+                        demonstrations, in_validation, leaked_prompts, load_data, load_rows,
+                        report_leakage, validation_prompts, with_fields)
+from encoding import (encode_batch, encode_prompt, encode_prompts, encode_response, fit_rows,
+                      left_pad, pair_batch, ranking_batch, ranking_examples, right_pad_batch,
+                      rm_batch, row_examples, sft_example, sft_examples)
+from evaluation import (evaluate_policy, no_gold_note, per_family_accuracy, score_pairs,
+                        score_texts, win_rate)
 from model_files import (_require, check_tokenizer_matches, disable_dropout, load_causal_lm,
                          load_score_model, load_tokenizer, prepare_base_models, run_in_precision,
                          tiny_opt_config, train_tokenizer)
+from plotting import plot_history, show_source
 from runtime import (accelerator, colab_setup, free_memory, get_device, hub_reachable, my_share,
                      progress, resolve_precision, set_seed, unwrap)
 from saving import (_json_safe, inputs_fingerprint, load_ppo_state, optimizer_from_tensors,
@@ -54,15 +71,22 @@ from saving import (_json_safe, inputs_fingerprint, load_ppo_state, optimizer_fr
                     write_run_record)
 from sql_data import (FAMILIES, HABIT_RATE, HABITS, dataset_stats, execute_sql, execution_accuracy,
                       execution_match, make_dataset, write_dataset)
+from stages import STAGES, run_stage
 from stopping import (TrainingStopped, _sigterm_to_interrupt, check_not_stopped, kept_checkpoint,
                       kept_model, stop_cleanly)
+from training import (backward, batches, check_finite, grad_scaler, make_optimizer, micro_batches,
+                      optimizer_step)
 
 # the plumbing's names that notebooks, tests and the CLI reach as util.X without util using them
-__all__ = ["FAMILIES", "HABITS", "HABIT_RATE", "Rows", "TrainingStopped", "_json_safe",
-           "_sigterm_to_interrupt", "colab_setup", "data_source", "dataset_stats",
-           "disable_dropout", "execution_accuracy", "free_memory", "get_device", "in_validation",
-           "leaked_prompts", "load_ppo_state", "load_rows", "make_dataset", "run_in_precision", "tiny_opt_config",
-           "train_tokenizer", "write_dataset"]
+__all__ = ["DATA_SOURCES", "FAMILIES", "HABITS", "HABIT_RATE", "Rows", "STAGES", "TrainingStopped",
+           "_json_safe", "_sigterm_to_interrupt", "colab_setup", "data_source", "dataset_stats",
+           "disable_dropout", "encode_batch", "encode_prompt", "encode_response", "evaluate_policy",
+           "execution_accuracy", "free_memory", "get_device", "in_validation", "leaked_prompts",
+           "left_pad", "load_rows", "make_dataset", "no_gold_note", "per_family_accuracy",
+           "plot_history", "prepare_base_models", "report_leakage", "resolve_precision", "rm_batch",
+           "run_in_precision", "run_stage", "save_model", "sft_example", "sft_examples",
+           "show_source", "tiny_opt_config", "train_tokenizer", "validation_prompts", "win_rate",
+           "write_dataset", "write_json", "write_run_record"]
 
 ROOT = Path(__file__).resolve().parent
 
@@ -226,7 +250,6 @@ def default_preset() -> str:
     """RLHF_PRESET if set, else opt with a GPU and a reachable hub, else tiny."""
     if os.environ.get("RLHF_PRESET"):
         return os.environ["RLHF_PRESET"]
-    import torch
     if torch.cuda.is_available() and hub_reachable():
         return "opt"
     return "tiny"
@@ -269,78 +292,6 @@ def load_config(path_or_dict=None, preset: str | None = None) -> Config:
                       **{k: v for k, v in fields.items() if k != "preset"})
 
 
-# ============================================================================ tokenizer
-
-
-def encode_batch(tok, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
-    """Token ids of many texts in one tokenizer call (twice as fast as one call each), BOS/EOS added
-    if asked."""
-    front = [tok.bos_token_id] if bos and tok.bos_token_id is not None else []
-    back = [tok.eos_token_id] if eos else []
-    if not texts:
-        return []
-    # the Rust tokenizer's own batch call gives the same ids as tok(texts) in a third of the time:
-    # the wrapper around it (attention masks, BatchEncoding) costs more than the tokenising; a slow
-    # tokenizer has no backend
-    fast = getattr(getattr(tok, "backend_tokenizer", None), "encode_batch_fast", None)
-    ids = ([e.ids for e in fast(list(texts), add_special_tokens=False)] if fast
-           else tok(list(texts), add_special_tokens=False)["input_ids"])
-    return [front + x + back for x in ids]
-
-
-def encode_prompt(tok, prompt: str) -> list[int]:
-    """Prompt token ids, with BOS in front when the tokenizer has one."""
-    return encode_batch(tok, [prompt], bos=True)[0]
-
-
-def encode_response(tok, response: str) -> list[int]:
-    """Response token ids with EOS appended: the model must learn to stop."""
-    return encode_batch(tok, [response], eos=True)[0]
-
-
-def fit_rows(tok, rows: list[dict], cfg: Config, answers=("response",), what: str = "rows",
-             more_rejected: int = 0) -> list[dict]:
-    """The rows whose answers fit max_response_tokens; over-long ones are skipped (a cut answer has
-    no EOS to learn) and over-long prompts are cut to their last max_prompt_tokens tokens, both
-    counted and printed. more_rejected: how many of a row's extra rejected answers the stage uses;
-    the first that fit are kept."""
-    for i, r in enumerate(rows):
-        missing = [k for k in answers if not isinstance(r.get(k), str)]
-        if missing:
-            raise DataError(f"{what}: row {i} has no {missing[0]!r} field (this stage needs "
-                            f"{list(answers)})")
-    prompts = encode_batch(tok, [r["prompt"] for r in rows], bos=True)
-    long_prompts = sum(len(p) > cfg.max_prompt_tokens for p in prompts)
-    fits = [True] * len(rows)
-    for k in answers:                           # one batched tokenizer call per field
-        lengths = [len(a) for a in encode_batch(tok, [r[k] for r in rows], eos=True)]
-        fits = [ok and n <= cfg.max_response_tokens for ok, n in zip(fits, lengths)]
-    keep, long_extra = [], 0
-    for r, ok in zip(rows, fits):
-        # only a stage that uses them tokenises these
-        if ok and more_rejected and r.get("more_rejected"):
-            lengths = [len(a) for a in encode_batch(tok, r["more_rejected"], eos=True)]
-            fit = [a for a, n in zip(r["more_rejected"], lengths) if n <= cfg.max_response_tokens]
-            long_extra += len(r["more_rejected"]) - len(fit)
-            r = {**r, "more_rejected": fit[:more_rejected]}
-        if ok:
-            keep.append(r)
-    if long_prompts:
-        print(f"{what}: {long_prompts} of {len(rows)} prompts are longer than max_prompt_tokens="
-              f"{cfg.max_prompt_tokens}: cut to their last {cfg.max_prompt_tokens} tokens")
-    if len(keep) < len(rows):
-        print(f"{what}: skipped {len(rows) - len(keep)} of {len(rows)} rows whose "
-              f"{'/'.join(answers)} is longer than max_response_tokens={cfg.max_response_tokens} "
-              "tokens with EOS (raise it to keep them)")
-    if long_extra:
-        print(f"{what}: skipped {long_extra} more_rejected answers longer than max_response_tokens="
-              f"{cfg.max_response_tokens} tokens with EOS (raise it to keep them)")
-    if rows and not keep:
-        raise DataError(f"{what}: every row is longer than "
-                        f"max_response_tokens={cfg.max_response_tokens}")
-    return keep
-
-
 # ============================================================================ models
 
 
@@ -354,14 +305,14 @@ def add_lora(model, cfg: Config):
                       task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     import warnings
-    import torch
-    # the adapters' random initial weights come from the config's seed, not from whatever used the random
-    # generator before (a notebook's earlier cells, an earlier run): a resumed run rebuilds the same adapters,
-    # and the generator's state outside is left as it was
+    # the adapters' random initial weights come from the config's seed, not from whatever used the
+    # random generator before (a notebook's earlier cells, an earlier run): a resumed run rebuilds
+    # the same adapters, and the generator's state outside is left as it was
     cuda = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
     with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
         torch.manual_seed(cfg.seed)
-        warnings.simplefilter("ignore", FutureWarning)  # peft calls a method transformers 5 deprecates
+        # peft calls a method transformers 5 deprecates
+        warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, lora)
 
 
@@ -371,7 +322,6 @@ def add_lora(model, cfg: Config):
 def reference_model(actor, ref):
     """The frozen reference policy: the SFT copy `ref`, or with LoRA (ref=None) the actor itself
     with its adapters switched off, so only one copy of the base weights is held."""
-    import torch
     with torch.no_grad():
         if ref is not None:
             yield ref
@@ -383,27 +333,10 @@ def reference_model(actor, ref):
 # ============================================================================ generation
 
 
-def left_pad(seqs: list[list[int]], pad_id: int):
-    """(input_ids, attention_mask) with left padding, as generation wants."""
-    import torch
-    # padded as Python lists: one tensor copy, not one per row
-    n = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (n - len(s)) + s for s in seqs], dtype=torch.long)
-    mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
-    return ids, mask
-
-
-def encode_prompts(tok, prompts: list[str], max_tokens: int):
-    """Left-padded prompt batch; over-long prompts keep their last max_tokens tokens."""
-    seqs = [p[-max_tokens:] for p in encode_batch(tok, prompts, bos=True)]
-    return left_pad(seqs, tok.pad_token_id)
-
-
 def generate(model, tok, prompts: list[str], cfg: Config, greedy: bool = False,
              temperature: float | None = None):
     """Batched KV-cached generation: returns (query+response ids [B, Lq+Lr], prompt mask, prompt
     length)."""
-    import torch
     ids, mask = encode_prompts(tok, prompts, cfg.max_prompt_tokens)
     device = next(model.parameters()).device
     # greedy, or pure temperature sampling
@@ -421,7 +354,6 @@ def generate(model, tok, prompts: list[str], cfg: Config, greedy: bool = False,
 
 def first_eos_index(responses, eos_id: int):
     """Index of the first EOS in each response; the last index when there is none."""
-    import torch
     is_eos = responses == eos_id
     last = torch.full_like(is_eos[:, 0], responses.shape[1] - 1, dtype=torch.long)
     idx = torch.where(is_eos.any(1), is_eos.int().argmax(1), last)
@@ -430,7 +362,6 @@ def first_eos_index(responses, eos_id: int):
 
 def response_mask(responses, eos_id: int):
     """1 up to and including the first EOS, 0 after it (those tokens are not part of the answer)."""
-    import torch
     end, _ = first_eos_index(responses, eos_id)
     return (torch.arange(responses.shape[1], device=responses.device)[None] <= end[:, None]).long()
 
@@ -457,7 +388,6 @@ def sample_answers(model, tok, prompts: list[str], cfg: Config, greedy: bool = F
 def logprobs_from_logits(logits, tokens, temperature: float = 1.0):
     """log p(token) under softmax(logits / temperature): the same temperature the tokens were
     sampled with."""
-    import torch
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -475,103 +405,6 @@ def response_logprobs(model, query_responses, attention_mask, context_length: in
 
 
 # ============================================================================ SFT
-
-
-def sft_examples(tok, prompts: list[str], responses: list[str], max_prompt: int, max_response: int):
-    """[(input_ids, labels)]: labels copy the response tokens and are -100 on the prompt (no loss
-    there)."""
-    out = []
-    for p, r in zip(encode_batch(tok, prompts, bos=True), encode_batch(tok, responses, eos=True)):
-        p, r = p[-max_prompt:], r[:max_response]
-        out.append((p + r, [-100] * len(p) + r))
-    return out
-
-
-def row_examples(tok, rows: list[dict], cfg: Config, key: str = "response"):
-    """sft_examples of each row's prompt -> row[key], cut to the config's prompt and answer lengths.
-    """
-    return sft_examples(tok, [r["prompt"] for r in rows], [r[key] for r in rows],
-                        cfg.max_prompt_tokens, cfg.max_response_tokens)
-
-
-def sft_example(tok, prompt: str, response: str, max_prompt: int, max_response: int):
-    """One (input_ids, labels) pair, as sft_examples."""
-    return sft_examples(tok, [prompt], [response], max_prompt, max_response)[0]
-
-
-def right_pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
-    """(input_ids, attention_mask, labels) right-padded; pads get label -100."""
-    import torch
-    # padded as Python lists: one tensor copy, not one per row
-    n = max(len(x) for x, _ in examples)
-    ids = torch.tensor([x + [pad_id] * (n - len(x)) for x, _ in examples], dtype=torch.long)
-    labels = torch.tensor([y + [-100] * (n - len(y)) for _, y in examples], dtype=torch.long)
-    mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x, _ in examples], dtype=torch.long)
-    return ids, mask, labels
-
-
-def batches(n: int, batch_size: int, epochs: float, seed: int):
-    """Shuffled index batches covering `epochs` passes over n items (a fraction means a partial last
-    pass)."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    total = int(math.ceil(n * epochs / batch_size))
-    out = []
-    while len(out) < total:
-        perm = torch.randperm(n, generator=g).tolist()
-        out += [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [perm]
-    return out[:total]
-
-
-def make_optimizer(model, lr: float, steps: int, warmup: float = 0.05, weight_decay: float = 0.0):
-    """AdamW with a linear warm-up then cosine decay (transformers' scheduler)."""
-    import torch
-    from transformers import get_cosine_schedule_with_warmup
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    return opt, get_cosine_schedule_with_warmup(opt, int(warmup * steps), steps)
-
-
-def micro_batches(idx: list, cfg: Config) -> list[list]:
-    """A batch's indices cut into micro-batches of cfg.micro_batch_size (one piece when it is 0):
-    gradients add up over them, so the optimizer sees the whole batch while memory holds one
-    micro-batch."""
-    n = cfg.micro_batch_size or max(len(idx), 1)
-    return [idx[i:i + n] for i in range(0, len(idx), n)]
-
-
-def grad_scaler(cfg: Config, device):
-    """fp16's loss scaler (small fp16 gradients underflow to 0 without it); None in bf16 and fp32.
-    """
-    import torch
-    fp16 = resolve_precision(cfg, device) == "fp16"
-    return torch.amp.GradScaler(torch.device(device).type) if fp16 else None
-
-
-def backward(loss, scaler) -> None:
-    """loss.backward(), through accelerate (DDP averages gradients over processes), scaled under
-    fp16."""
-    accelerator().backward(scaler.scale(loss) if scaler is not None else loss)
-
-
-def optimizer_step(pairs, cfg: Config, scaler, what: str, step) -> float:
-    """Clip each model's gradient norm to max_grad_norm, then step each (optimizer, model) pair;
-    returns the summed norm. A NaN/inf gradient stops the run, except under fp16 loss scaling where
-    it is expected now and then: the scaler skips that step and lowers its scale."""
-    import torch
-    if scaler is not None:
-        for opt, _ in pairs:
-            scaler.unscale_(opt)                # clip the true gradients, not the scaled ones
-    norm = sum(float(torch.nn.utils.clip_grad_norm_(unwrap(m).parameters(), cfg.max_grad_norm))
-               for _, m in pairs)
-    if scaler is None:
-        # a finite loss can still give inf gradients
-        check_finite(norm, f"{what} gradient norm", step)
-    for opt, _ in pairs:
-        scaler.step(opt) if scaler is not None else opt.step()
-    if scaler is not None:
-        scaler.update()
-    return norm
 
 
 def label_logits(model, ids, mask, labels):
@@ -592,7 +425,6 @@ def label_logits(model, ids, mask, labels):
 
 def sft_loss(model, batch, device):
     """Mean cross-entropy over response tokens, the label of each position being the next token."""
-    import torch.nn.functional as F
     ids, mask, labels = (t.to(device) for t in batch)
     logits, predicts = label_logits(model, ids, mask, labels)
     return F.cross_entropy(logits.float(), labels[:, 1:][predicts])
@@ -600,7 +432,6 @@ def sft_loss(model, batch, device):
 
 def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) -> float:
     """Held-out SFT loss, token-weighted."""
-    import torch
     model.eval()
     tot, n = 0.0, 0
     with torch.no_grad():
@@ -668,23 +499,12 @@ def train_sft(model, tok, train_rows, eval_rows, cfg: Config, device,
     return history
 
 
-def check_finite(loss, what: str, step) -> None:
-    """Stop with a clear message on a NaN/inf loss instead of training on garbage (`step`: a number
-    or a phrase)."""
-    value = float(loss.detach() if hasattr(loss, "detach") else loss)
-    if not math.isfinite(value):
-        at = f"step {step}" if isinstance(step, int) else step
-        raise FloatingPointError(f"{what} became {value} at {at}, before it reached the weights: "
-                                 "lower the learning rate")
-
-
 # ============================================================================ reward model
 
 
 def last_token_index(attention_mask):
     """Index of the last real token of each row, for left or right padding (the EOS of the answer).
     """
-    import torch
     pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (pos[None] * attention_mask).argmax(1)
 
@@ -706,7 +526,6 @@ def token_scores(model, input_ids, attention_mask, cache=None):
 
 def at_last_token(per_token, attention_mask):
     """Per-token scores read at the last real token of each row (the EOS, not a pad after it)."""
-    import torch
     rows = torch.arange(len(per_token), device=per_token.device)
     return per_token[rows, last_token_index(attention_mask)]
 
@@ -729,66 +548,22 @@ def reward_scores(model, input_ids, attention_mask, normalized: bool = True):
 
 def pairwise_loss(r_chosen, r_rejected):
     """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), averaged."""
-    import torch.nn.functional as F
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
 def mistake_positions(ids_chosen, ids_rejected, mask_chosen, mask_rejected):
     """1 on the rejected tokens from the first one that departs from the chosen answer up to its
     EOS."""
-    import torch
     differs = (ids_chosen != ids_rejected) & ((mask_chosen + mask_rejected) > 0)
     first = differs.int().argmax(1)
     pos = torch.arange(ids_rejected.shape[1], device=ids_rejected.device)[None]
     return ((pos >= first[:, None]) & (mask_rejected > 0)).float()
 
 
-def rm_batch(tok, rows, cfg: Config, key: str):
-    """Right-padded (ids, mask) of prompt + rows[key] + EOS."""
-    ids, mask, _ = right_pad_batch(row_examples(tok, rows, cfg, key), tok.pad_token_id)
-    return ids, mask
-
-
-def ranking_examples(tok, rows: list[dict], cfg: Config) -> list[tuple[list[int], list[list[int]]]]:
-    """Each row tokenised: its prompt ids and its answers [chosen, rejected, *more_rejected] (up to
-    rm_max_rejected rejected ones), each with EOS."""
-    answers = [[r["chosen"], r["rejected"], *r.get("more_rejected", [])][:cfg.rm_max_rejected + 1]
-               for r in rows]
-    # every answer in one call
-    ids = encode_batch(tok, [a for row in answers for a in row], eos=True)
-    out, i = [], 0
-    for p, row in zip(encode_batch(tok, [r["prompt"] for r in rows], bos=True), answers):
-        out.append((p[-cfg.max_prompt_tokens:],
-                    [a[:cfg.max_response_tokens] for a in ids[i:i + len(row)]]))
-        i += len(row)
-    return out
-
-
-def ranking_batch(examples: list[tuple[list[int], list[list[int]]]], pad_id: int):
-    """Each prompt once, left-padded, and its answers right-padded: (prompt ids, prompt mask, answer
-    ids, answer mask, row of each answer, and for each pair the index of its chosen and of its
-    rejected answer)."""
-    import torch
-    prompt_ids, prompt_mask = left_pad([p for p, _ in examples], pad_id)
-    answers, owner, chosen, rejected = [], [], [], []
-    for i, (_, row_answers) in enumerate(examples):
-        for j, a in enumerate(row_answers):
-            # answer 0 is the chosen one, every later one is a rejected one
-            if j:
-                chosen.append(len(answers) - j)
-                rejected.append(len(answers))
-            answers.append(a)
-            owner.append(i)
-    ids, mask, _ = right_pad_batch([(a, a) for a in answers], pad_id)
-    return (prompt_ids, prompt_mask, ids, mask, torch.tensor(owner), torch.tensor(chosen),
-            torch.tensor(rejected))
-
-
 def shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner):
     """Per-token scores of answers that share prompts: each prompt runs through the model once and
     its cached keys/values serve all its answers (InstructGPT's trick: K answers cost one prompt,
     not K)."""
-    import torch
     full_mask = torch.cat([prompt_mask[owner], mask], 1)
     if unwrap(model).is_activation_checkpointing and unwrap(model).training:
         # gradient checkpointing returns no cache in training: read each prompt again with each of
@@ -800,45 +575,10 @@ def shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner):
     return token_scores(model, ids, full_mask, cache=out.cache)
 
 
-def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config, device,
-                normalized=True, batch_size=128):
-    """Reward of each (prompt, answer) pair."""
-    import torch
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            rows = [{"prompt": p, "x": a}
-                    for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
-            ids, mask = rm_batch(tok, rows, cfg, "x")
-            out += reward_scores(model, ids.to(device), mask.to(device), normalized).tolist()
-    return out
-
-
-def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
-    """(chosen scores, rejected scores), raw, for many rows, no gradient; each prompt is read once.
-    """
-    import torch
-    one_pair = dataclasses.replace(cfg, rm_max_rejected=1)
-    model.eval()
-    chosen, rejected = [], []
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            examples = ranking_examples(tok, rows[i:i + batch_size], one_pair)
-            batch = ranking_batch(examples, tok.pad_token_id)
-            prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in batch)
-            per_token = shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner)
-            s = at_last_token(per_token, mask)
-            chosen += s[c].tolist()
-            rejected += s[r].tolist()
-    return chosen, rejected
-
-
 def reward_loss(model, prompt_ids, prompt_mask, ids, mask, owner, c, r, prefix_weight: float = 0.0):
     """(loss, chosen scores, rejected scores) of one ranking_batch: the pairwise loss of every
     (chosen, rejected) pair, plus prefix_weight times the same loss on each rejected prefix that
     already holds the mistake."""
-    import torch
     # every answer of a prompt (chosen, its rejected ones) in one pass that reads the prompt once
     per_token = shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner)
     s = at_last_token(per_token, mask)
@@ -924,7 +664,6 @@ def set_reward_scale(model, tok, prompts, policy_answers, cfg: Config, device) -
     """Normalise: store in the model's config the mean and std of the raw scores of the SFT
     policy's answers (to validation prompts: on its own training prompts an RM scores high), and
     the clip; reward_scores applies them. Returns {reward_offset, reward_scale, reward_clip}."""
-    import torch
     raw = torch.tensor(score_texts(model, tok, prompts, policy_answers, cfg, device,
                                    normalized=False))
     std = float(raw.std()) if len(raw) > 1 else 1.0
@@ -932,17 +671,6 @@ def set_reward_scale(model, tok, prompts, policy_answers, cfg: Config, device) -
     model.config.reward_scale = std if std > 1e-6 else 1.0     # all equal: shift only
     model.config.reward_clip = cfg.reward_clip
     return {k: getattr(model.config, k) for k in ("reward_offset", "reward_scale", "reward_clip")}
-
-
-def validation_prompts(cfg: Config, n: int = 256) -> list[str]:
-    """Up to n prompts of the validation split of the preference data (no stage trains on them);
-    the training prompts, said so, when the data is too small to hold any out."""
-    try:
-        rows = load_data(cfg, "pref", split="val")
-    except ValueError as e:
-        print(f"{e}: the training prompts stand in for validation prompts")
-        rows = load_data(cfg, "pref")
-    return [r["prompt"] for r in rows[:n]]
 
 
 # ============================================================================ PPO
@@ -966,7 +694,6 @@ def masked_whiten(x, mask, shift_mean: bool = True):
 def kl_per_token(logprobs, ref_logprobs, estimator: str = "k1"):
     """Per-token KL estimate from samples of the policy: k1 = log(p/q) (unbiased, can be < 0),
     k3 = q/p - 1 - log(q/p) (unbiased and always >= 0, lower variance)."""
-    import torch
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
@@ -978,7 +705,6 @@ def kl_per_token(logprobs, ref_logprobs, estimator: str = "k1"):
 def place_rewards(scores, kl, mask, end_index, kl_coef: float):
     """Per-token rewards: -kl_coef * KL on every answer token, plus the RM score on the EOS token
     only (not on a pad after it, and not spread over the answer)."""
-    import torch
     rewards = -kl_coef * kl * mask
     rewards[torch.arange(len(scores), device=scores.device), end_index] += scores
     return rewards
@@ -986,7 +712,6 @@ def place_rewards(scores, kl, mask, end_index, kl_coef: float):
 
 def gae_advantages(rewards, values, mask, gamma: float, lam: float):
     """Generalised advantage estimation, backwards over the answer; nothing flows in after EOS."""
-    import torch
     rewards, values = rewards * mask, values * mask
     last, adv = 0.0, []
     for t in reversed(range(rewards.shape[1])):
@@ -1027,7 +752,6 @@ def critic_values(critic, query_responses, attention_mask, context_length: int):
 
 def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None = None) -> Rollout:
     """Sample answers with the policy, then score them with the reference, critic and RM."""
-    import torch
     t0 = time.time()
     qr, prompt_mask, lq = generate(actor, tok, [r["prompt"] for r in rows], cfg)
     t1 = time.time()
@@ -1057,7 +781,6 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
     """PPO's clipped surrogate, token-mean: (loss, ratio). The ratio pi/pi_old may move at most
     1 +- cliprange in the direction the advantage rewards; past that the clipped term is the larger
     loss and its gradient is 0."""
-    import torch
     ratio = torch.exp((logprobs - old_logprobs) * mask)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
     return masked_mean(losses, mask), ratio
@@ -1067,7 +790,6 @@ def ppo_value_loss(values, old_values, returns, mask, cliprange_value: float):
     """The critic's clipped squared error, token-mean, halved: a new value may move at most
     cliprange_value from the rollout's value before its error stops counting for it (the larger of
     the two errors is kept)."""
-    import torch
     clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
@@ -1088,7 +810,6 @@ def ppo_losses(actor, critic, ro: Rollout, idx, advantages, returns, cfg: Config
 def minibatch_stats(out: dict, ro: Rollout, idx, cfg: Config) -> dict:
     """What to watch while updating, token-means over the answers idx (0-dim tensors): the losses,
     how often the clips act, the approximate KL to pi_old and the policy's entropy."""
-    import torch
     m = ro.mask[idx]
     with torch.no_grad():
         p = torch.softmax(out["logits"].float() / cfg.temperature, -1)
@@ -1105,7 +826,6 @@ def minibatch_stats(out: dict, ro: Rollout, idx, cfg: Config) -> dict:
 def ppo_update(actor, critic, opt_actor, opt_critic, ro: Rollout, advantages, returns, cfg: Config,
                scaler=None) -> dict:
     """ppo_epochs passes of clipped PPO over shuffled minibatches of a rollout; mean statistics."""
-    import torch
     stats, first = [], 0.0          # first: max |ratio - 1| on the first minibatch, before any step
     for epoch in range(cfg.ppo_epochs):     # several passes on a rollout: the clip keeps them safe
         perm = torch.randperm(len(ro.scores))
@@ -1159,7 +879,6 @@ def ppo_advantages(ro: Rollout, cfg: Config, kl_coef: float) -> tuple:
     """(kl, rewards, advantages, returns) of a rollout: per-token KL to the reference, rewards (the
     KL penalty on every answer token, the RM score on the EOS), GAE advantages whitened over the
     answer tokens, and the returns the critic learns."""
-    import torch
     kl = kl_per_token(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * ro.mask
     scores = ro.scores
     if cfg.whiten_rewards:              # unit spread batch to batch; the mean score is kept
@@ -1244,7 +963,6 @@ def load_ppo_models(cfg: Config, device, state: dict | None = None) -> tuple:
 
 def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> list[dict]:
     """The PPO loop with periodic atomic checkpoints; a re-run with the same settings resumes."""
-    import torch
     one_process_only("PPO")
     out = cfg.path("rlhf")
     tok = load_tokenizer(_require(cfg.path("actor")))
@@ -1287,17 +1005,9 @@ def train_ppo(cfg: Config, device, rows=None, stop_after: int | None = None) -> 
 # ============================================================================ DPO / GRPO
 
 
-def pair_batch(tok, rows, cfg: Config):
-    """One right-padded SFT-style batch: the chosen answers of `rows`, then their rejected answers.
-    """
-    examples = row_examples(tok, rows, cfg, "chosen") + row_examples(tok, rows, cfg, "rejected")
-    return right_pad_batch(examples, tok.pad_token_id)
-
-
 def answer_logprobs(model, ids, mask, labels):
     """log pi(answer | prompt) of each row: the sum of the log-probs of its labelled (answer)
     tokens."""
-    import torch
     logits, predicts = label_logits(model, ids, mask, labels)
     logp = logprobs_from_logits(logits, labels[:, 1:][predicts])
     row = predicts.nonzero()[:, 0]              # the row each labelled token belongs to
@@ -1306,7 +1016,6 @@ def answer_logprobs(model, ids, mask, labels):
 
 def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid"):
     """DPO loss and the implicit rewards beta * log(pi / pi_ref) of chosen and rejected answers."""
-    import torch.nn.functional as F
     # how much more the policy prefers chosen than the reference does
     h = (logp_c - ref_c) - (logp_r - ref_r)
     if loss_type == "sigmoid":                     # DPO: Bradley-Terry on the implicit rewards
@@ -1321,7 +1030,6 @@ def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoi
 
 def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int = 64) -> dict:
     """Implicit-reward accuracy and margin on held-out pairs, no gradient."""
-    import torch
     if not rows:                                # no held-out pairs: nothing measured (not 0)
         return {"eval_reward_acc": float("nan"), "eval_margin": float("nan")}
     acc, margin = [], []
@@ -1343,7 +1051,6 @@ def dpo_step(model, wrapped, ref, tok, opt, scaler, rows: list[dict], cfg: Confi
              step: int) -> list[float]:
     """One optimizer step of DPO on a batch of pairs, in micro-batches; returns [loss, reward
     accuracy, margin, chosen reward, rejected reward]."""
-    import torch
     opt.zero_grad(set_to_none=True)
     loss_sum, pair_stats = 0.0, []
     for part in micro_batches(rows, cfg):
@@ -1440,7 +1147,6 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange:
     """(loss, per-token KL, ratio) of GRPO: PPO's clipped surrogate with one advantage per answer,
     plus kl_coef times the k3 KL to the reference inside the loss; a mean over each answer's tokens,
     then answers."""
-    import torch
     # the log-probs are masked before anything is exponentiated: after the EOS they score pads, and
     # exp(ref - policy) of such a position can overflow to inf, which a mask applied afterwards
     # turns into NaN
@@ -1457,7 +1163,6 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange:
 def grpo_samples(actor, ref, rm, tok, group: list[dict], cfg: Config) -> dict:
     """One answer sampled per row of `group`, its rewards (execution, format, RM if weighted) and,
     without gradients, its log-probs under the policy and the reference."""
-    import torch
     qr, prompt_mask, lq = generate(actor, tok, [r["prompt"] for r in group], cfg)
     responses = qr[:, lq:]
     mask = response_mask(responses, tok.eos_token_id).float()
@@ -1481,7 +1186,6 @@ def grpo_samples(actor, ref, rm, tok, group: list[dict], cfg: Config) -> dict:
 def grpo_update(actor, opt, s: dict, adv, cfg: Config, scaler=None) -> dict:
     """grpo_epochs passes of clipped updates over shuffled minibatches of the samples `s`; the mean
     loss, KL and clip fraction."""
-    import torch
     stats = {k: [] for k in ("loss", "kl", "clipfrac")}
     actor.train()
     for epoch in range(cfg.grpo_epochs):
@@ -1535,26 +1239,9 @@ def grpo_iteration(actor, ref, rm, opt, tok, rows, cfg: Config, scaler=None) -> 
             "sample": s["texts"][0]}
 
 
-def check_grpo_reward(rows: list[dict], cfg: Config) -> None:
-    """Refuse GRPO when no answer can be rewarded: no setup_sql anywhere, the reward model off."""
-    n = sum("setup_sql" in r for r in rows)
-    if n == 0 and cfg.grpo_rm_weight <= 0:
-        raise ConfigError(
-            "GRPO has no reward for these prompts: none has 'setup_sql' (the tables an answer "
-            "is executed on), so no answer can be checked, and Config.grpo_rm_weight=0 leaves the "
-            "reward model out. Set grpo_rm_weight > 0 (e.g. 1.0) to reward the answers with the "
-            "reward model (train it first: 2_critic.ipynb or `python util.py rm`), or give the "
-            "rows setup_sql.")
-    if n < len(rows):
-        by = "the reward model only" if cfg.grpo_rm_weight > 0 else "nothing (set grpo_rm_weight)"
-        print(f"GRPO: {len(rows) - n} of {len(rows)} prompts have no 'setup_sql': execution and "
-              f"format rewards need it, so their answers are rewarded by {by}")
-
-
 def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
     """The GRPO loop from the SFT actor; returns (trained actor, history). Saving is the notebook's
     job."""
-    import torch
     one_process_only("GRPO")
     rows = rows if rows is not None else load_data(cfg, "prompt")
     check_grpo_reward(rows, cfg)                # before anything is loaded: no reward, no learning
@@ -1583,197 +1270,7 @@ def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
     return actor, history
 
 
-# ============================================================================ evaluation
-
-
-def evaluate_batch(model, tok, part: list[dict], greedy: list[str], cfg: Config, rm=None,
-                   ref=None) -> list[dict]:
-    """One sampled answer per row of `part` beside its greedy one: per-row verdicts (None without
-    setup_sql), RM score, KL to the reference, length, EOS."""
-    import torch
-    qr, pmask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
-    resp = qr[:, lq:]
-    mask = response_mask(resp, tok.eos_token_id)
-    _, has_eos = first_eos_index(resp, tok.eos_token_id)
-    attn = torch.cat([pmask, mask], 1)
-    with torch.no_grad():
-        kl = torch.zeros(len(part))
-        # KL(policy || ref) estimated on the policy's own samples (k1, summed)
-        if ref is not None:
-            lp, _ = response_logprobs(model, qr, attn, lq, cfg.temperature)
-            rlp, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
-            kl = ((lp - rlp) * mask).sum(1).cpu()
-        score = (reward_scores(rm, qr, attn).cpu() if rm is not None
-                 else torch.full((len(part),), float("nan")))
-    out = []
-    for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
-        # the gold metric needs the row's tables and gold SQL: else None, not a guess
-        judged = "setup_sql" in r and isinstance(r.get("chosen"), str)
-
-        def ok(answer):
-            return execution_match(r["setup_sql"], r["chosen"], answer) if judged else None
-        out.append({"prompt": r["prompt"], "family": r.get("family", "?"),
-                    "gold": (r.get("chosen") or "").strip(),
-                    "greedy": greedy[j].strip(), "sampled": text.strip(),
-                    "greedy_ok": ok(greedy[j]), "sampled_ok": ok(text),
-                    "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
-                    "eos": bool(has_eos[j])})
-    return out
-
-
-def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None,
-                    desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Execution accuracy greedy and sampled (rows with setup_sql), RM score, KL, length, EOS."""
-    prompts = [r["prompt"] for r in rows]
-    greedy = sample_answers(model, tok, prompts, cfg, greedy=True, desc=f"{desc} greedy")
-    per_row = []
-    bs = cfg.eval_batch_size
-    with stop_cleanly(desc, cfg, ("eval_batch_size",)):
-        for i in progress(range(0, len(rows), bs), desc=f"{desc} sampled", leave=False):
-            per_row += evaluate_batch(model, tok, rows[i:i + bs], greedy[i:i + bs], cfg, rm, ref)
-    n = len(per_row)
-    judged = [r for r in per_row if r["greedy_ok"] is not None]
-    summary = {}
-    if judged:
-        summary["exec_acc_greedy"] = sum(r["greedy_ok"] for r in judged) / len(judged)
-        summary["exec_acc_sampled"] = sum(r["sampled_ok"] for r in judged) / len(judged)
-    summary.update({"rm_score": sum(r["rm_score"] for r in per_row) / n,
-                    "kl_to_sft": sum(r["kl"] for r in per_row) / n,
-                    "length": sum(r["length"] for r in per_row) / n,
-                    "eos_rate": sum(r["eos"] for r in per_row) / n,
-                    "n_prompts": n, "temperature": cfg.temperature})
-    if len(judged) < n:
-        summary["n_with_setup_sql"] = len(judged)
-        print(f"{desc}: execution accuracy on {len(judged)} of {n} prompts (others lack "
-              "setup_sql)")
-    return summary, per_row
-
-
-def no_gold_note(judged: int, n: int) -> str:
-    """What the evaluation leaves out, and why, when rows have no setup_sql."""
-    what = "not measured" if judged == 0 else f"measured on {judged} of {n} prompts only"
-    return (f"execution accuracy {what}: it needs 'setup_sql' (the tables the SQL runs on) and "
-            "'chosen' (the gold SQL) in the evaluation rows. Measured without them: RM score, KL "
-            "to SFT, win rate vs SFT (by the RM), length, EOS rate.")
-
-
-def per_family_accuracy(per_row: list[dict]) -> dict:
-    """Sampled and greedy execution accuracy per question family (of the rows with a verdict)."""
-    import pandas as pd
-    judged = pd.DataFrame([r for r in per_row if r["greedy_ok"] is not None])
-    if judged.empty:
-        return {}
-    return judged.groupby("family")[["greedy_ok", "sampled_ok"]].mean().round(3).to_dict("index")
-
-
-def win_rate(scores_a: list[float], scores_b: list[float]) -> float:
-    """Share of prompts where a's answer scores higher than b's by the RM (ties count half)."""
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)]
-    return sum(wins) / max(len(wins), 1)
-
-
-# ============================================================================ plotting
-
-
-def plot_history(history: list[dict], x: str, panels: list[list[str]], title: str = "", path=None):
-    """One small plot per panel (several series per panel) of a training history."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, keys in zip(axes[0], panels):
-        for k in keys:
-            pts = [(h[x], h[k]) for h in history if h.get(k) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=k)
-        ax.set_xlabel(x)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
-    return fig
-
-
-def show_source(fn) -> None:
-    """Show a function's source as it runs: a highlighted code block in a notebook, plain text
-    elsewhere."""
-    import inspect
-    src = inspect.getsource(fn)
-    try:
-        from IPython import get_ipython
-        from IPython.display import Markdown, display
-    except ImportError:
-        get_ipython = None
-    # a notebook kernel (or IPython shell)
-    if get_ipython is not None and get_ipython() is not None:
-        display(Markdown(f"```python\n{src}```"))
-    else:
-        print(src)
-
-
-# ================================================================ one stage, without its notebook
-#
-# what `python util.py sft|rm|ppo|dpo|grpo` runs (the command line itself: cli.py)
-
-STAGES = {"sft": "actor", "rm": "critic", "ppo": "rlhf", "dpo": "dpo", "grpo": "grpo"}
-# the kind of data (DATA_SOURCES) each stage trains on
-STAGE_DATA = {"sft": "sft", "rm": "pref", "ppo": "prompt", "dpo": "pref", "grpo": "prompt"}
-
-
-def train_stage(stage: str, cfg: Config, device, train, evalset) -> tuple:
-    """(model, tokenizer, history) of one stage trained from the models before it; PPO saves its own
-    checkpoints and returns (None, None, history)."""
-    if stage == "ppo":
-        return None, None, train_ppo(cfg, device, train)
-    if stage == "sft":
-        if not (cfg.path("base_actor") / "config.json").exists() and accelerator().is_main_process:
-            prepare_base_models(cfg)
-        accelerator().wait_for_everyone()
-        tok = load_tokenizer(cfg.path("base_actor"))
-        model = load_causal_lm(cfg.path("base_actor"), "0_download.ipynb", device, cfg)
-        return model, tok, train_sft(model, tok, train, evalset, cfg, device)
-    tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
-    if stage == "rm":
-        model = load_score_model(cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor"),
-                                 "1_actor.ipynb", device, cfg)
-        history = train_reward(model, tok, train, evalset, cfg, device)
-        prompts = validation_prompts(cfg)
-        sft = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
-        answers = sample_answers(sft, tok, prompts, cfg)
-        history[-1].update(set_reward_scale(model, tok, prompts, answers, cfg, device))
-        return model, tok, history
-    if stage == "dpo":
-        model = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
-        ref = (None if cfg.lora_r else
-               load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False))
-        return model, tok, train_dpo(model, ref, tok, train, evalset, cfg, device)
-    model, history = train_grpo(cfg, device, train)
-    return model, tok, history
-
-
-def run_stage(stage: str, cfg: Config) -> dict:
-    """One stage without its notebook: train, save, leave its record in logs/; its last metrics."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}: choose one of {sorted(STAGES)}")
-    check_config(cfg, PRESETS)              # again: a field may have been set after it was made
-    device = accelerator().device
-    set_seed(cfg.seed)
-    kind = STAGE_DATA[stage]
-    train = load_data(cfg, kind)
-    evalset = load_data(cfg, "eval")
-    data = {kind: train.info, "eval": evalset.info,
-            "leaked_eval_prompts": report_leakage(train, evalset, DATA_SOURCES[kind][3])}
-    t0 = time.time()
-    model, tok, history = train_stage(stage, cfg, device, train, evalset)
-    seconds = time.time() - t0
-    if accelerator().is_main_process:       # every process holds the same weights: one writes them
-        if stage != "ppo":                  # PPO wrote its checkpoint (and metrics.json) as it went
-            save_model(unwrap(model), tok, cfg.path(STAGES[stage]),
-                       {"preset": cfg.preset, "seconds": seconds, "history": history})
-        # the exact settings of this run, beside its outputs
-        write_json(dataclasses.asdict(cfg), cfg.path(STAGES[stage], "run_config.json"))
-        write_run_record(cfg, stage, history, {**data, "seconds": seconds})
-    accelerator().wait_for_everyone()
-    return {"seconds": seconds, **{k: v for k, v in history[-1].items() if k != "sample"}}
+# ======================================================================== the command line
 
 
 def main(argv=None) -> int:

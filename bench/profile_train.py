@@ -60,10 +60,14 @@ def run(task: str, side: str) -> dict:
     import util
     from torch.profiler import ProfilerActivity, profile
     phases, state = {}, {"depth": 0, "after": False}
-    patched = {(util, n): getattr(util, n) for n in PREPARE + HELD_OUT}
+    # each name in util and in the module that holds it (encoding, evaluation), whose own functions
+    # call it from there
+    holders = [(m, n) for n in PREPARE + HELD_OUT
+               for m in {util, sys.modules[getattr(util, n).__module__]}]
+    patched = {(m, n): getattr(m, n) for m, n in holders}
     patched.update({(bench, n): getattr(bench, n) for n in ("sft_quality", "rm_quality")})
-    for n in PREPARE + HELD_OUT:
-        setattr(util, n, timed(phases, state, n, patched[(util, n)]))
+    for m, n in holders:
+        setattr(m, n, timed(phases, state, n, patched[(m, n)]))
     for n in ("sft_quality", "rm_quality"):       # the worker's quality check, after its timed part: not counted
         setattr(bench, n, after_training(state, patched[(bench, n)]))
     forget_earlier_garbage()

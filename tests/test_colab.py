@@ -5,7 +5,7 @@ Colab's kernel has it loaded), and the stub `drive.mount` links `<mount>/MyDrive
 (or fails, as when the user declines). The clone source is a git repository made from this working tree, with
 the notebooks generated from .dev/notebooks.py, so the cell under test is the one being edited. Each notebook
 runs in a new kernel from a folder holding only that notebook, as when it is opened from GitHub.
-RLHF_COLAB_NO_INSTALL=1 keeps util.colab_setup from calling pip."""
+RLHF_COLAB_NO_INSTALL=1 keeps runtime.colab_setup from calling pip."""
 import importlib.util
 import json
 import os
@@ -196,7 +196,7 @@ def test_b_where_on_drive_a_copy_is_found(stub, source, tmp_path, where):
     drive.mkdir()
     copy_project(source, drive / where)
     env = kernel_env(stub, tmp_path, tmp_path / "no-such-repo", drive)
-    script = f"exec({NB.BOOTSTRAP!r})\nprint('CWD', os.getcwd(), util.ROOT)\n"
+    script = f"exec({NB.BOOTSTRAP!r})\nprint('CWD', os.getcwd(), runtime.ROOT)\n"
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "content", env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -511,8 +511,9 @@ def test_same_seed_same_metrics(micro_dirs, rows, tok, tmp_path):
 def test_colab_setup_cell_installs_without_touching_torch(tmp_path):
     setups = set()
     for nb in sorted(ROOT.glob("[0-9]_*.ipynb")):
-        # the code cells up to the set-up cell (cfg = ...), without the parameters cell: the Colab bootstrap
-        # (it finds util.py in the cwd here and calls util.colab_setup) and the set-up itself
+        # the code cells up to the set-up cell (cfg = ...), without the parameters cell: the Colab
+        # bootstrap (it finds util.py in the cwd here and calls runtime.colab_setup) and the set-up
+        # (import util)
         cells = [c for c in json.loads(nb.read_text())["cells"]
                  if c["cell_type"] == "code" and "parameters" not in c["metadata"].get("tags", [])]
         end = next(i for i, c in enumerate(cells) if "util.get_config(" in "".join(c["source"]))
@@ -527,7 +528,8 @@ def test_colab_setup_cell_installs_without_touching_torch(tmp_path):
         "sys.modules.update({'google': google, 'google.colab': google.colab})   # what Colab's runtime has\n"
         "calls = []\n"
         "subprocess.check_call = lambda cmd: calls.append({'cmd': cmd, 'loaded': sorted(\n"
-        "    m for m in ('torch', 'transformers', 'accelerate', 'pandas') if m in sys.modules)})\n"
+        "    m for m in ('torch', 'numpy', 'transformers', 'accelerate', 'pandas', 'util')\n"
+        "    if m in sys.modules)})\n"
         "PRESET = 'smoke'\n"
         f"exec({setups.pop()!r})\n"
         "print('RESULT', json.dumps({'calls': calls, 'preset': cfg.preset}))\n")
@@ -537,7 +539,8 @@ def test_colab_setup_cell_installs_without_touching_torch(tmp_path):
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert len(result["calls"]) == 1 and result["preset"] == "smoke"
     call = result["calls"][0]
-    assert call["loaded"] == []                                       # pip runs before torch or anything is imported
+    # pip runs before torch or anything is imported, util (which imports torch) included
+    assert call["loaded"] == []
     assert call["cmd"][:5] == [sys.executable, "-m", "pip", "install", "-q"]
     names = [re.match(r"[\w.-]+", c).group(0) for c in call["cmd"][5:]]
     assert {"transformers", "accelerate", "safetensors", "pandas"} <= set(names)
