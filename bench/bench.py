@@ -90,7 +90,10 @@ def peak_rss_mb() -> float:
 
 def make_cfg(spec: dict, seed: int, out_dir):
     import util
-    return util.get_config(spec["preset"], seed=seed, out_dir=str(out_dir), n_eval=spec["n_eval"])
+    # TRL's PPOTrainer has a fixed KL coefficient and (as set up here) a constant learning rate: ours
+    # runs the same, without the KL controller and the annealing, so the pair stays matched
+    return util.get_config(spec["preset"], seed=seed, out_dir=str(out_dir), n_eval=spec["n_eval"],
+                           kl_target=0.0, ppo_anneal_lr=False)
 
 
 def load_data(cfg):
@@ -172,8 +175,8 @@ def w_setup(spec, seed, work, start: Path) -> dict:
     util.set_seed(cfg.seed)
     rm = util.load_score_model(cfg.path("actor"))
     util.train_reward(rm, tok, train, ev, cfg, "cpu", n_logs=1)
-    prompts = [r["prompt"] for r in train[:256]]
-    util.set_reward_offset(rm, tok, prompts, util.sample_answers(actor, tok, prompts, cfg), cfg, "cpu")
+    prompts = util.validation_prompts(cfg)
+    util.set_reward_scale(rm, tok, prompts, util.sample_answers(actor, tok, prompts, cfg), cfg, "cpu")
     util.save_model(rm, tok, cfg.path("critic"))
     sft_eval = {}
     for s in range(spec["rounds"]):
@@ -331,19 +334,23 @@ def w_ppo_ours(spec, seed, work, start: Path) -> dict:
 
 
 class OffsetScore:
-    """Wraps the RM's score head so TRL reads the same normalised reward as util.reward_scores (raw - offset)."""
+    """Wraps a score head so TRL reads what util reads: the RM's reward as util.reward_scores gives it
+    (util.normalize_scores: shifted, scaled, clipped), the critic's values as util.critic_values (not
+    clipped)."""
 
-    def __new__(cls, head, offset: float):
+    def __new__(cls, model, clip: bool = True):
         import torch
+        import util
+        head = model.score
 
-        class _Offset(torch.nn.Module):
+        class _Normalized(torch.nn.Module):
             def __init__(self):
                 super().__init__()
                 self.head = head
 
             def forward(self, x):
-                return self.head(x) - offset
-        return _Offset()
+                return util.normalize_scores(model, self.head(x), clip=clip)
+        return _Normalized()
 
 
 def w_ppo_trl(spec, seed, work, start: Path) -> dict:
@@ -362,7 +369,8 @@ def w_ppo_trl(spec, seed, work, start: Path) -> dict:
     ref = util.load_causal_lm(start / "actor").requires_grad_(False)
     value = util.load_score_model(start / "critic")             # critic initialised from the RM, as ours
     rm = util.load_score_model(start / "critic").requires_grad_(False)
-    rm.score = OffsetScore(rm.score, float(getattr(rm.config, "reward_offset", 0.0)))
+    rm.score = OffsetScore(rm)
+    value.score = OffsetScore(value, clip=False)
     prompts = ppo_prompt_rows(train, cfg, cfg.ppo_iterations)  # the same prompts our train_ppo draws
     ds = Dataset.from_dict({"input_ids": [util.encode_prompt(tok, r["prompt"])[-cfg.max_prompt_tokens:] for r in prompts]})
     # the same optimiser as ours: AdamW betas (0.9, 0.95), no weight decay, policy lr and critic lr, constant

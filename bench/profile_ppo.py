@@ -96,7 +96,8 @@ def profile_trl(n_batches: int = 2) -> dict:
     tok.padding_side = "left"
     policy, ref = util.load_causal_lm(START / "actor"), util.load_causal_lm(START / "actor").requires_grad_(False)
     value, rm = util.load_score_model(START / "critic"), util.load_score_model(START / "critic").requires_grad_(False)
-    rm.score = bench.OffsetScore(rm.score, float(getattr(rm.config, "reward_offset", 0.0)))
+    rm.score = bench.OffsetScore(rm)
+    value.score = bench.OffsetScore(value, clip=False)   # the critic on the rewards scale, as ours
     prompts = bench.ppo_prompt_rows(train, cfg, n_batches)
     ds = Dataset.from_dict({"input_ids": [util.encode_prompt(tok, r["prompt"])[-cfg.max_prompt_tokens:] for r in prompts]})
     opt = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.ppo_lr},
