@@ -650,7 +650,7 @@ its own folder (`model/try/`, from the same SFT and reward model), and draws bot
 takes as long as the run above. Running it again with other knobs starts that folder afresh and says
 which fields changed.
 
-1. **The leash.** `kl_coef=0.02, kl_target=0`: ten times looser, and held there (the controller
+1. **The leash.** `kl_coef=0.005, kl_target=0`: ten times looser, and held there (the controller
    off). What to look for: does the KL grow faster and further, and the RM score climb higher? Does
    gold accuracy peak and then fall, as the policy finds answers the RM wrongly likes? That is the
    over-optimisation curve of `4_test.ipynb` (the two left panels: RM score and gold accuracy

@@ -21,7 +21,7 @@ def test_a_changed_knob_starts_afresh_and_says_which(micro_dirs, rows, tmp_path,
     small_kl = dataclasses.replace(cfg, kl_coef=0.02)
     fresh = util.train_ppo(small_kl, "cpu", rows=rows, stop_after=1)
     said = capsys.readouterr().out
-    assert "kl_coef 0.2 -> 0.02: starting PPO afresh" in said and "resuming" not in said
+    assert "kl_coef 0.05 -> 0.02: starting PPO afresh" in said and "resuming" not in said
     assert [h["iteration"] for h in fresh] == [1] and fresh[0]["kl_coef"] == 0.02   # the new one
     state = json.loads((tmp_path / "rlhf" / "state.json").read_text())
     assert state["settings"]["kl_coef"] == 0.02 and state["iteration"] == 1
