@@ -143,7 +143,8 @@ def save_ppo_checkpoint(path, models, opts, tok, state: dict) -> None:
 
 def inputs_fingerprint(cfg: Config) -> list:
     """Size and modification time of the SFT and RM weights: a checkpoint of others is stale."""
-    files = sorted(p for d in ("actor", "critic") for p in cfg.path(d).glob("*.safetensors"))
+    dirs = ["actor", "critic", *(f"critic_{k}" for k in range(2, cfg.rm_ensemble + 1))]
+    files = sorted(p for d in dirs for p in cfg.path(d).glob("*.safetensors"))
     return [[p.parent.name, p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 

@@ -29,10 +29,11 @@ TARGETS = {"sampled_gain_over_sft": 0.15, "sampled": 0.85, "greedy": 0.90, "spre
 README_START, README_END = "<!-- seeds: written by seeds.py -->", "<!-- /seeds -->"
 
 
-def run_seed(seed: int, out: Path, preset: str) -> float:
-    """Every notebook for one seed, outputs under `out`; returns the wall time in seconds."""
+def run_seed(seed: int, out: Path, preset: str, fields: dict | None = None) -> float:
+    """Every notebook for one seed, outputs under `out`, Config `fields` changed (RLHF_CONFIG);
+    returns the wall time in seconds."""
     env = {**os.environ, "RLHF_SEED": str(seed), "RLHF_OUT": str(out), "RLHF_PRESET": preset,
-           "RLHF_TEXT_PROGRESS": "1"}
+           "RLHF_TEXT_PROGRESS": "1", "RLHF_CONFIG": json.dumps(fields or {})}
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for nb in NOTEBOOKS:
@@ -104,10 +105,11 @@ def check_targets(per_seed: dict) -> list[str]:
     return lines
 
 
-def table(per_seed: dict, preset: str, n_prompts: int) -> str:
+def table(per_seed: dict, preset: str, n_prompts: int, fields: dict | None = None) -> str:
     """The markdown table of mean ± sd and min per model over the seeds."""
     s = summary(per_seed)
-    head = (f"{len(per_seed)} seeds ({', '.join(map(str, per_seed))}), `{preset}` preset, "
+    changed = "".join(f", `{k}={v}`" for k, v in (fields or {}).items())
+    head = (f"{len(per_seed)} seeds ({', '.join(map(str, per_seed))}), `{preset}` preset{changed}, "
             f"{n_prompts} held-out prompts; mean ± sd (min)\n\n"
             "| model | exec. accuracy, greedy | exec. accuracy, sampled | KL to SFT (nats) |\n"
             "|---|---|---|---|\n")
@@ -145,19 +147,22 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(ROOT / "docs" / "seeds.json"))
     ap.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
     ap.add_argument("--collect", action="store_true", help="do not run, read what is there")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON",
+                    help="Config fields for every seed, e.g. --set rm_ensemble=3 kl_target=0.5")
     args = ap.parse_args(argv)
+    fields = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
     per_seed, seconds = {}, {}
     for seed in args.seeds:
         out = Path(args.out) / str(seed)
         if not args.collect:
-            seconds[seed] = run_seed(seed, out, args.preset)
+            seconds[seed] = run_seed(seed, out, args.preset, fields)
         per_seed[seed] = collect(out)
     # {seed: {model: {metric: value}}}; the table, the targets and the times go beside it (.md)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(per_seed, indent=1) + "\n")
     first = json.loads((Path(args.out) / str(args.seeds[0]) / "report.json").read_text())
-    text = table(per_seed, args.preset, first["n_eval_prompts"])
+    text = table(per_seed, args.preset, first["n_eval_prompts"], fields)
     targets = check_targets(per_seed)
     times = ", ".join(f"seed {s}: {t / 60:.1f} min" for s, t in seconds.items())
     path.with_suffix(".md").write_text(text + "\n\nPPO targets:\n\n" +

@@ -31,7 +31,7 @@ def train_stage(stage: str, cfg: Config, device, train, evalset) -> tuple:
     """(model, tokenizer, history) of one stage trained from the models before it; PPO saves its own
     checkpoints and returns (None, None, history)."""
     from util import (add_lora, sample_answers, set_reward_scale, train_dpo, train_grpo,
-                      train_ppo, train_reward, train_sft)
+                      train_more_reward_models, train_ppo, train_reward, train_sft)
     if stage == "ppo":
         return None, None, train_ppo(cfg, device, train)
     if stage == "sft":
@@ -50,6 +50,9 @@ def train_stage(stage: str, cfg: Config, device, train, evalset) -> tuple:
         sft = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
         answers = sample_answers(sft, tok, prompts, cfg)
         history[-1].update(set_reward_scale(model, tok, prompts, answers, cfg, device))
+        if cfg.rm_ensemble > 1:             # critic_2/ ... critic_N/
+            history[-1]["ensemble"] = train_more_reward_models(cfg, tok, train, evalset, prompts,
+                                                               answers, device)
         return model, tok, history
     if stage == "dpo":
         model = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)

@@ -151,6 +151,12 @@ class Config:
     # the reward PPO sees: (score - mean) / std of the SFT policy's answers to validation prompts,
     # then clipped to +- reward_clip, so one outlier answer cannot dominate a batch
     reward_clip: float = 5.0
+    # reward models PPO averages, an ensemble: 1 = critic/ alone; N adds critic_2/ ... critic_N/,
+    # each trained as the first from another seed (its head, its batch order) and on its own fixed
+    # scale, so an answer that one RM wrongly likes earns less when the others disagree
+    rm_ensemble: int = 1
+    # the ensemble's reward: mean - ensemble_penalty * std over its models (0 = the plain mean)
+    ensemble_penalty: float = 0.0
     # PPO
     ppo_iterations: int = 60
     rollout_batch_size: int = 64
@@ -260,12 +266,23 @@ def default_preset() -> str:
 
 
 def get_config(preset: str | None = None, **overrides) -> Config:
-    """The config of a preset (default_preset() when None), with RLHF_OUT, RLHF_SEED and explicit
-    overrides applied."""
+    """The config of a preset (default_preset() when None), with RLHF_CONFIG (a JSON object of
+    fields), RLHF_OUT, RLHF_SEED and explicit overrides applied."""
     preset = preset or default_preset()
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
-    fields = {**PRESETS[preset], **overrides}
+    env = {}
+    if os.environ.get("RLHF_CONFIG"):               # `make seeds` passes its --set fields so
+        try:
+            env = json.loads(os.environ["RLHF_CONFIG"])
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"RLHF_CONFIG is not a JSON object of Config fields: {e}") from None
+        if not isinstance(env, dict):
+            raise ConfigError(f"RLHF_CONFIG is not a JSON object of Config fields: {env!r}")
+        unknown = sorted(set(env) - {f.name for f in dataclasses.fields(Config)})
+        if unknown:
+            raise ConfigError(f"RLHF_CONFIG: unknown Config field(s) {unknown}")
+    fields = {**PRESETS[preset], **env, **overrides}
     if os.environ.get("RLHF_OUT"):
         fields.setdefault("out_dir", os.environ["RLHF_OUT"])
     if os.environ.get("RLHF_SEED"):                 # `make seeds` runs the notebooks with it
@@ -550,6 +567,13 @@ def reward_scores(model, input_ids, attention_mask, normalized: bool = True):
     return normalize_scores(model, s) if normalized else s
 
 
+def ensemble_scores(rms: list, input_ids, attention_mask, penalty: float = 0.0):
+    """The reward of a list of reward models: the mean of their normalised scores, minus penalty
+    times their spread (population std): what only some of them like is worth less."""
+    s = torch.stack([reward_scores(m, input_ids, attention_mask) for m in rms])
+    return s.mean(0) - penalty * s.std(0, correction=0)
+
+
 def pairwise_loss(r_chosen, r_rejected):
     """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), averaged."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
@@ -677,6 +701,33 @@ def set_reward_scale(model, tok, prompts, policy_answers, cfg: Config, device) -
     return {k: getattr(model.config, k) for k in ("reward_offset", "reward_scale", "reward_clip")}
 
 
+def ensemble_dirs(cfg: Config) -> list[Path]:
+    """Where the reward models live: critic/ (the one the critic starts from, the one 4_test
+    reports), then critic_2/ ... critic_N/ for an ensemble (Config.rm_ensemble)."""
+    return [cfg.path("critic")] + [cfg.path(f"critic_{k}") for k in range(2, cfg.rm_ensemble + 1)]
+
+
+def train_more_reward_models(cfg: Config, tok, train_rows, eval_rows, prompts, answers,
+                             device) -> list[dict]:
+    """The ensemble's other members (Config.rm_ensemble - 1), each trained as the first from the
+    seed cfg.seed + 1000 k, put on its own fixed scale with the same SFT answers to validation
+    prompts and saved to critic_k/; their last history records."""
+    start = cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor")
+    out = []
+    for k, path in enumerate(ensemble_dirs(cfg)[1:], 2):
+        member = dataclasses.replace(cfg, seed=cfg.seed + 1000 * k)
+        set_seed(member.seed)           # another head and another batch order: other errors
+        model = load_score_model(start, device=device, cfg=cfg)
+        history = train_reward(model, tok, train_rows, eval_rows, member, device)
+        history[-1].update(set_reward_scale(model, tok, prompts, answers, cfg, device))
+        if accelerator().is_main_process:   # every process holds the same weights: one writes
+            save_model(unwrap(model), tok, path, {"preset": cfg.preset, "seed": member.seed,
+                                                  "history": history})
+        accelerator().wait_for_everyone()
+        out.append({"path": str(path), **history[-1]})
+    return out
+
+
 # ============================================================================ PPO
 
 
@@ -755,7 +806,8 @@ def critic_values(critic, query_responses, attention_mask, context_length: int):
 
 
 def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None = None) -> Rollout:
-    """Sample answers with the policy, then score them with the reference, critic and RM."""
+    """Sample answers with the policy, then score them with the reference, critic and RM (a list:
+    one reward model, or an ensemble)."""
     t0 = time.time()
     qr, prompt_mask, lq = generate(actor, tok, [r["prompt"] for r in rows], cfg)
     t1 = time.time()
@@ -768,7 +820,8 @@ def rollout(actor, ref, critic, rm, tok, rows, cfg: Config, timings: dict | None
         with reference_model(actor, ref) as r:
             ref_logprobs, _ = response_logprobs(r, qr, attn, lq, cfg.temperature)
         values = critic_values(critic, qr, attn, lq)
-        scores = reward_scores(rm, qr, attn)        # read at the EOS, where the attention mask ends
+        # read at the EOS, where the attention mask ends; the mean of an ensemble's scores
+        scores = ensemble_scores(rm, qr, attn, cfg.ensemble_penalty)
     # an answer that never stops is penalised
     scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
     texts = decode_responses(tok, responses)
@@ -950,9 +1003,10 @@ def load_ppo_models(cfg: Config, device, state: dict | None = None) -> tuple:
               # the critic starts from the RM: it already reads answers and scores them
               "critic": load_score_model(out / "critic" if state else cfg.path("critic"),
                                          device=device, cfg=cfg),
-              "rm": load_score_model(cfg.path("critic"), device=device,
-                                     cfg=cfg).requires_grad_(False)}
-    for m in models.values():
+              # the reward model(s), frozen: a list, of one or of Config.rm_ensemble
+              "rm": [load_score_model(_require(d, "2_critic.ipynb"), device=device,
+                                      cfg=cfg).requires_grad_(False) for d in ensemble_dirs(cfg)]}
+    for m in [models["actor"], models["ref"], models["critic"], *models["rm"]]:
         if m is not None:               # ref is None with LoRA (the actor with adapters off)
             check_tokenizer_matches(tok, m, cfg)
     opts = {"actor": make_optimizer(models["actor"], cfg.ppo_lr, 1, warmup=0)[0],

@@ -393,7 +393,8 @@ outlier answer cannot dominate a batch. The critic, which starts as this RM, get
 scale (`util.critic_values`), so its first values are on the rewards' scale."""),
     code('''actor = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
 prompts = util.validation_prompts(cfg)     # up to 256 prompts no stage trains on
-scale = util.set_reward_scale(rm, tok, prompts, util.sample_answers(actor, tok, prompts, cfg, desc="SFT answers"), cfg, device)
+answers = util.sample_answers(actor, tok, prompts, cfg, desc="SFT answers")
+scale = util.set_reward_scale(rm, tok, prompts, answers, cfg, device)
 print(f"SFT answers to {len(prompts)} validation prompts: raw score mean {scale['reward_offset']:.3f}, "
       f"std {scale['reward_scale']:.3f}; the reward is clip((raw - mean) / std, ±{scale['reward_clip']:g})")
 '''),
@@ -401,8 +402,23 @@ print(f"SFT answers to {len(prompts)} validation prompts: raw score mean {scale[
            "history": history}
 print("saved", util.save_model(rm, tok, cfg.path("critic"), metrics))
 util.write_run_record(cfg, "rm", history)           # logs/rm.jsonl and the settings it ran with
-del rm, actor
+del rm
 util.free_memory()          # on a GPU: the memory goes back before the next notebook or stage'''),
+    md("""
+## An ensemble (optional)
+
+One reward model has its own blind spots, and PPO searches for them. `Config.rm_ensemble = N` trains
+N - 1 more, each exactly as above but from another seed (another head, another batch order), each on
+its own fixed scale from the same SFT answers, into `critic_2/` ... `critic_N/`. PPO's reward is then
+the mean of their scores (minus `ensemble_penalty` × their spread): an answer that only one of them
+wrongly likes earns less. The critic still starts from `critic/`, and 4_test reports that one."""),
+    code('''if cfg.rm_ensemble > 1:
+    more = util.train_more_reward_models(cfg, tok, train, evalset, prompts, answers, device)
+    display(pd.DataFrame(more)[["path", "eval_acc", "reward_offset", "reward_scale"]])
+else:
+    print("rm_ensemble = 1: PPO uses model/critic/ alone")
+del actor
+util.free_memory()'''),
 ]
 
 # --------------------------------------------------------------------------------------------------- 3_rlhf
@@ -467,10 +483,12 @@ prompt_rows = util.load_data(cfg, "prompt")        # as train_ppo reads them
 prompt_rows = util.fit_rows(tok, prompt_rows, cfg, (), "PPO prompts")   # as train_ppo fits them
 batch = prompt_rows[:8]
 for name, m in models.items():
+    m = m[0] if isinstance(m, list) else m      # the reward models: a list (an ensemble, or one)
     trained = m is not None and any(p.requires_grad for p in m.parameters())
     print(f"{name:7s}", "the actor with its LoRA adapters off" if m is None else
           f"{type(m).__name__}, {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters, "
-          + ("trained" if trained else "frozen"))'''),
+          + ("trained" if trained else "frozen"))
+print(f"reward models: {len(models['rm'])} (Config.rm_ensemble)")'''),
     md("""
 ### 1. Rollout
 

@@ -55,3 +55,19 @@ def test_settings_are_checked_however_the_config_is_made(tmp_path):
     with pytest.raises(util.ConfigError, match="Config.kl_coef=-0.1"):
         util.run_stage("sft", cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_rlhf_config_sets_fields_for_every_notebook(monkeypatch):
+    """`make seeds --set ...` reaches the notebooks through RLHF_CONFIG: preset < it < overrides."""
+    monkeypatch.setenv("RLHF_CONFIG", '{"rm_ensemble": 3, "n_train": 7}')
+    cfg = util.get_config("smoke", n_train=9)
+    assert cfg.rm_ensemble == 3 and cfg.n_train == 9
+    monkeypatch.setenv("RLHF_CONFIG", '{"rm_ensembl": 3}')
+    with pytest.raises(util.ConfigError, match=r"RLHF_CONFIG: unknown Config field\(s\) \['rm_ensembl'\]"):
+        util.get_config("smoke")
+    monkeypatch.setenv("RLHF_CONFIG", "rm_ensemble=3")
+    with pytest.raises(util.ConfigError, match="not a JSON object"):
+        util.get_config("smoke")
+    monkeypatch.setenv("RLHF_CONFIG", '{"rm_ensemble": 0}')
+    with pytest.raises(util.ConfigError, match="rm_ensemble"):
+        util.get_config("smoke")

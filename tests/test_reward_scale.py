@@ -1,5 +1,6 @@
 """Issue 17's recipe: the validation split, the reward's fixed scale (and the critic's), the adaptive
 KL controller and the annealed PPO learning rate. Each test names the one-line mistake it catches."""
+import dataclasses
 import json
 
 import pytest
@@ -159,3 +160,37 @@ def test_ppo_logs_the_learning_rate_and_the_moving_kl_coefficient(micro_dirs, ro
     assert [r["lr"] for r in h] == pytest.approx([cfg.ppo_lr * f for f in (1, 2 / 3, 1 / 3)])
     for a, b in zip(h, h[1:]):          # each coefficient is the controller's answer to the KL before
         assert b["kl_coef"] == pytest.approx(util.adaptive_kl(a["kl_coef"], a["kl"], 0.5, 8, 8))
+
+
+# ================================================================ an ensemble of reward models
+
+def test_ensemble_reward_is_the_mean_minus_penalty_times_the_spread(monkeypatch):
+    per_model = {"a": torch.tensor([1.0, 0.0, 2.0]), "b": torch.tensor([3.0, 0.0, -2.0])}
+    monkeypatch.setattr(util, "reward_scores", lambda m, ids, mask: per_model[m])
+    # the mean: 2, 0, 0; the spread (population std): 1, 0, 2
+    assert util.ensemble_scores(["a", "b"], None, None).tolist() == [2.0, 0.0, 0.0]
+    assert util.ensemble_scores(["a", "b"], None, None, penalty=0.5).tolist() == [1.5, 0.0, -1.0]
+    assert util.ensemble_scores(["a"], None, None, penalty=0.5).tolist() == [1.0, 0.0, 2.0]
+
+
+def test_an_ensemble_is_trained_scaled_and_used_by_ppo(micro_dirs, rows, tmp_path):
+    import shutil
+    shutil.copytree(micro_dirs.path("actor"), tmp_path / "actor")
+    cfg = util.get_config("smoke", out_dir=str(tmp_path), rm_ensemble=2, ppo_iterations=1,
+                          rollout_batch_size=8, ppo_minibatch_size=4, ppo_epochs=1,
+                          max_response_tokens=8)
+    out = util.run_stage("rm", cfg)
+    assert [m["path"] for m in out["ensemble"]] == [str(tmp_path / "critic_2")]
+    first = util.load_score_model(tmp_path / "critic")
+    second = util.load_score_model(tmp_path / "critic_2")
+    assert second.config.reward_scale > 0 and second.config.reward_clip == cfg.reward_clip
+    # another seed: another head (the same weights would be an ensemble of one)
+    assert not torch.equal(first.score.weight, second.score.weight)
+    tok, models, _ = util.load_ppo_models(cfg, "cpu")
+    assert len(models["rm"]) == 2
+    h = util.train_ppo(cfg, "cpu", rows=rows)
+    assert len(h) == 1
+    # PPO's checkpoint knows the ensemble's weights: with one model it is another run, not a resume
+    assert {d for d, *_ in util.inputs_fingerprint(cfg)} == {"actor", "critic", "critic_2"}
+    one = dataclasses.replace(cfg, rm_ensemble=1)
+    assert util.inputs_fingerprint(one) != util.inputs_fingerprint(cfg)
