@@ -6,7 +6,7 @@ import pytest
 import seeds
 
 
-def _seed_dir(path, sft, ppo, kl, rm_acc=0.9, target=1.0):
+def _seed_dir(path, sft, ppo, kl, rm_acc=0.9, target=1.0, last=(1, 1, 1, 1, 2)):
     models = {"SFT": {"exec_acc_greedy": sft[0], "exec_acc_sampled": sft[1], "kl_to_sft": 0.0},
               "RLHF (PPO)": {"exec_acc_greedy": ppo[0], "exec_acc_sampled": ppo[1],
                              "kl_to_sft": kl}}
@@ -15,7 +15,7 @@ def _seed_dir(path, sft, ppo, kl, rm_acc=0.9, target=1.0):
     (path / "report.json").write_text(json.dumps({"models": models, "n_eval_prompts": 600}))
     (path / "critic" / "metrics.json").write_text(json.dumps({"eval_pairwise_acc": rm_acc}))
     (path / "rlhf" / "run_config.json").write_text(json.dumps({"kl_target": target}))
-    hist = [{"kl": k} for k in (9, 9, 1, 1, 1, 1, 2)]          # the last 5: mean 1.2
+    hist = [{"kl": k} for k in (9, 9, *last)]       # the controller's KL: the last 5 rollouts
     (path / "rlhf" / "metrics.json").write_text(json.dumps(hist))
     return path
 
@@ -23,8 +23,10 @@ def _seed_dir(path, sft, ppo, kl, rm_acc=0.9, target=1.0):
 @pytest.fixture
 def three(tmp_path):
     return {0: seeds.collect(_seed_dir(tmp_path / "0", (0.70, 0.70), (0.95, 0.90), 1.1)),
-            1: seeds.collect(_seed_dir(tmp_path / "1", (0.70, 0.74), (0.91, 0.88), 1.4)),
-            2: seeds.collect(_seed_dir(tmp_path / "2", (0.60, 0.60), (0.89, 0.84), 0.6, 0.8))}
+            1: seeds.collect(_seed_dir(tmp_path / "1", (0.70, 0.74), (0.91, 0.88), 1.4,
+                                       last=(1.4,) * 5)),
+            2: seeds.collect(_seed_dir(tmp_path / "2", (0.60, 0.60), (0.89, 0.84), 0.6, 0.8,
+                                       last=(0.6,) * 5))}
 
 
 def test_collect_reads_the_report_the_rm_and_ppo(three):
@@ -49,12 +51,15 @@ def test_targets_are_checked_on_every_seed(three):
     missed = [line for line in lines if line.endswith("MISSED")]
     assert missed == [
         "seed 1: PPO sampled >= SFT sampled + 0.15: MISSED",
-        "seed 1: PPO held-out KL 1.40 within 30% of target 1 (+40%): MISSED",
+        "seed 1: PPO rollout KL 1.40 (last 5 iterations) within 30% of target 1 (+40%; held-out "
+        "KL 1.40, +40%): MISSED",
         "seed 2: PPO sampled >= 0.85: MISSED",
         "seed 2: PPO greedy >= 0.90: MISSED",
-        "seed 2: PPO held-out KL 0.60 within 30% of target 1 (-40%): MISSED",
+        "seed 2: PPO rollout KL 0.60 (last 5 iterations) within 30% of target 1 (-40%; held-out "
+        "KL 0.60, -40%): MISSED",
         "PPO sampled spread 0.060 <= 0.05: MISSED"]
-    assert "seed 0: PPO held-out KL 1.10 within 30% of target 1 (+10%): ok" in lines
+    assert ("seed 0: PPO rollout KL 1.20 (last 5 iterations) within 30% of target 1 (+20%; "
+            "held-out KL 1.10, +10%): ok") in lines
 
 
 def test_readme_table_is_replaced_between_its_markers(tmp_path):
