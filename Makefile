@@ -33,9 +33,11 @@ test: install
 	rc=$$?; rm -rf $$out; exit $$rc
 
 # the whole pipeline for seeds 0 1 2 (about 3 x make run) into model/seeds/<seed>/: docs/seeds.json,
-# docs/seeds.md and the README table of mean, spread and worst per model (SEEDS="3 4" for others)
+# docs/seeds.md and the README table of mean, spread and worst per model (SEEDS="3 4" for others;
+# SET="rm_ensemble=3" changes Config fields; then also JSON=docs/other.json, or the README table moves)
 seeds: install
-	$(PY) seeds.py $(if $(SEEDS),--seeds $(SEEDS))
+	$(PY) seeds.py $(if $(SEEDS),--seeds $(SEEDS)) $(if $(SET),--set $(SET)) \
+	  $(if $(JSON),--json $(JSON) --no-readme)
 
 clean-model:
 	rm -rf model/*/ model/report.json

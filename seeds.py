@@ -94,12 +94,15 @@ def check_targets(per_seed: dict) -> list[str]:
                    ppo["exec_acc_sampled"] >= sft["exec_acc_sampled"] + 0.15),
                   ("sampled >= 0.85", ppo["exec_acc_sampled"] >= TARGETS["sampled"]),
                   ("greedy >= 0.90", ppo["exec_acc_greedy"] >= TARGETS["greedy"])]
-        if ppo.get("kl_target"):        # the KL the controller steers: the rollouts', at the end
+        if ppo.get("kl_target"):
+            # the final policy's KL on the 600 held-out prompts; the rollouts' KL of the last
+            # iterations (batches of 64, before their updates) is shown beside it, it is noisier
             target = ppo["kl_target"]
-            dev = ppo["train_kl_last5"] / target - 1
-            checks.append((f"rollout KL {ppo['train_kl_last5']:.2f} (last 5 iterations) within 30% "
-                           f"of target {target:g} ({dev:+.0%}; held-out KL {ppo['kl']:.2f}, "
-                           f"{ppo['kl'] / target - 1:+.0%})", abs(dev) <= TARGETS["kl_tolerance"]))
+            dev = ppo["kl"] / target - 1
+            checks.append((f"held-out KL {ppo['kl']:.2f} within 30% of target {target:g} "
+                           f"({dev:+.0%}; rollouts, last 5 iterations: "
+                           f"{ppo['train_kl_last5']:.2f}, {ppo['train_kl_last5'] / target - 1:+.0%})",
+                           abs(dev) <= TARGETS["kl_tolerance"]))
         for what, ok in checks:
             lines.append(f"seed {seed}: PPO {what}: {'ok' if ok else 'MISSED'}")
     if len(sampled) > 1:

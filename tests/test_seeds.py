@@ -51,15 +51,15 @@ def test_targets_are_checked_on_every_seed(three):
     missed = [line for line in lines if line.endswith("MISSED")]
     assert missed == [
         "seed 1: PPO sampled >= SFT sampled + 0.15: MISSED",
-        "seed 1: PPO rollout KL 1.40 (last 5 iterations) within 30% of target 1 (+40%; held-out "
-        "KL 1.40, +40%): MISSED",
+        "seed 1: PPO held-out KL 1.40 within 30% of target 1 (+40%; rollouts, last 5 iterations: "
+        "1.40, +40%): MISSED",
         "seed 2: PPO sampled >= 0.85: MISSED",
         "seed 2: PPO greedy >= 0.90: MISSED",
-        "seed 2: PPO rollout KL 0.60 (last 5 iterations) within 30% of target 1 (-40%; held-out "
-        "KL 0.60, -40%): MISSED",
+        "seed 2: PPO held-out KL 0.60 within 30% of target 1 (-40%; rollouts, last 5 iterations: "
+        "0.60, -40%): MISSED",
         "PPO sampled spread 0.060 <= 0.05: MISSED"]
-    assert ("seed 0: PPO rollout KL 1.20 (last 5 iterations) within 30% of target 1 (+20%; "
-            "held-out KL 1.10, +10%): ok") in lines
+    assert ("seed 0: PPO held-out KL 1.10 within 30% of target 1 (+10%; rollouts, last 5 "
+            "iterations: 1.20, +20%): ok") in lines
 
 
 def test_readme_table_is_replaced_between_its_markers(tmp_path):
