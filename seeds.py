@@ -54,16 +54,14 @@ def collect(out: Path) -> dict:
     critic = out / "critic" / "metrics.json"
     if critic.exists():
         res["RM"] = {"rm_acc": json.loads(critic.read_text()).get("eval_pairwise_acc")}
-    # the settings PPO ran with: its checkpoint's state.json (a notebook run writes no run_config)
-    ppo_state, ppo_hist = out / "rlhf" / "state.json", out / "rlhf" / "metrics.json"
-    if "RLHF (PPO)" in res and ppo_hist.exists():
-        hist = json.loads(ppo_hist.read_text())
-        hist = hist["history"] if isinstance(hist, dict) else hist
-        last = hist[-5:]                # the rollouts' KL, mean of the last 5 iterations
+    # PPO's checkpoint state.json holds its history and the settings it ran with (a notebook run
+    # writes no run_config.json)
+    ppo_state = out / "rlhf" / "state.json"
+    if "RLHF (PPO)" in res and ppo_state.exists():
+        state = json.loads(ppo_state.read_text())
+        last = state["history"][-5:]    # the rollouts' KL, mean of the last 5 iterations
         res["RLHF (PPO)"]["train_kl_last5"] = sum(h["kl"] for h in last) / len(last)
-        if ppo_state.exists():
-            settings = json.loads(ppo_state.read_text()).get("settings", {})
-            res["RLHF (PPO)"]["kl_target"] = settings.get("kl_target")
+        res["RLHF (PPO)"]["kl_target"] = state["settings"].get("kl_target")
     return res
 
 

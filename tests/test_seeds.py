@@ -14,9 +14,9 @@ def _seed_dir(path, sft, ppo, kl, rm_acc=0.9, target=1.0, last=(1, 1, 1, 1, 2)):
     (path / "rlhf").mkdir()
     (path / "report.json").write_text(json.dumps({"models": models, "n_eval_prompts": 600}))
     (path / "critic" / "metrics.json").write_text(json.dumps({"eval_pairwise_acc": rm_acc}))
-    (path / "rlhf" / "state.json").write_text(json.dumps({"settings": {"kl_target": target}}))
     hist = [{"kl": k} for k in (9, 9, *last)]       # the controller's KL: the last 5 rollouts
-    (path / "rlhf" / "metrics.json").write_text(json.dumps(hist))
+    (path / "rlhf" / "state.json").write_text(json.dumps({"settings": {"kl_target": target},
+                                                          "history": hist}))
     return path
 
 
