@@ -100,6 +100,41 @@ def disable_dropout(model):
     return model
 
 
+# ---------------------------------------------------------------------------- transformers versions
+# The one place that knows transformers moves: Colab ships 5.15, the registry 5.25. In 5.24 the KV cache
+# `past_key_values` became `cache` and gradient checkpointing became "activation checkpointing"; the old
+# names still work there with a deprecation warning (until 5.40). We look for the feature, not the version
+# number: the new name where the model has it, else the old one, so neither end warns or breaks.
+
+
+def checkpointing_enable(model):
+    """Turn on gradient (activation) checkpointing, non-reentrant, under the name this version uses."""
+    kwargs = {"use_reentrant": False}         # non-reentrant: works with frozen inputs and autocast
+    if hasattr(type(model), "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_checkpointing(model) -> bool:
+    """Whether gradient (activation) checkpointing is on, under the name this version uses."""
+    new = hasattr(type(model), "is_activation_checkpointing")
+    return bool(model.is_activation_checkpointing if new else model.is_gradient_checkpointing)
+
+
+def cache_kwarg(model) -> str:
+    """The forward's keyword for a KV cache: `cache` from transformers 5.24, `past_key_values` before."""
+    import inspect
+    params = inspect.signature(type(model).forward).parameters   # the class's: ours wraps forward
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward with use_cache=True returned (`out.cache`, or `past_key_values` before)."""
+    cache = out.get("cache")                 # a ModelOutput is a dict of the fields that are set
+    return cache if cache is not None else out["past_key_values"]
+
+
 def run_in_precision(model, precision: str):
     """Every forward of `model` (training, generation, scoring) runs under autocast in `precision`, while its
     weights stay fp32: the master copy the optimizer updates (fp16 weights would lose small updates)."""
@@ -124,7 +159,7 @@ def ready_model(model, cfg: Config | None, device):
     if cfg is None:
         return model
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        checkpointing_enable(model)
     return run_in_precision(model, resolve_precision(cfg, next(model.parameters()).device))
 
 

@@ -38,24 +38,82 @@ def in_colab() -> bool:
     """True inside Google Colab."""
     return "google.colab" in sys.modules
 
-# not installed in Colab: its own torch and Jupyter builds stay (replacing them can break the runtime), and the
-# tools of `make run` / `make test` are not needed there
-COLAB_SKIP = r"(torch|jupyter\w*|ipykernel|papermill|nbval|pytest|websocket-client)\b"
+
+# Colab's runtime is theirs: the first cell installs only what it lacks or has outside our ranges, and
+# never these. torch: Colab's own CUDA build (pip's would be another). pandas, numpy, pyarrow,
+# matplotlib, huggingface_hub: Colab's tools pin them (google-colab pins pandas exactly) and its kernel
+# has imported some before the first cell runs, so a new version needs a restart and can break Colab.
+COLAB_KEEP = ("torch", "pandas", "numpy", "pyarrow", "matplotlib", "huggingface_hub")
+# the tools of make run / make test (Colab runs its own Jupyter): not needed there, never installed
+COLAB_TOOLS = ("jupyter", "jupyter_server", "jupyter_client", "ipykernel", "ipython", "notebook",
+               "nbclient", "nbformat", "papermill", "nbval", "pytest", "websocket-client")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def colab_plan(requirements=ROOT / "requirements.txt", installed=None) -> tuple[list[str], list[str]]:
+    """(what to pip-install, warnings): each requirement missing here or out of its range, except the
+    tools (skipped) and COLAB_KEEP (a warning, never installed)."""
+    from importlib import metadata
+    from packaging.requirements import Requirement
+    if installed is None:
+        installed = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions()
+                     if d.metadata["Name"]}
+    keep, tools = {_norm(n) for n in COLAB_KEEP}, {_norm(n) for n in COLAB_TOOLS}
+    need, warn = [], []
+    for line in Path(requirements).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        name, have = _norm(req.name), installed.get(_norm(req.name))
+        if name in tools or (have is not None and req.specifier.contains(have, prereleases=True)):
+            continue
+        if name in keep:
+            found = f"{have} is outside" if have else "is missing, needs"
+            warn.append(f"{req.name} {found} {req.specifier}: Colab's own, left as it is (if a cell "
+                        "fails, see README, 'Colab')")
+        else:
+            need.append(str(req))
+    return need, warn
 
 
 def colab_setup(requirements=ROOT / "requirements.txt", run=None) -> list[str]:
-    """In Colab, pip-install the requirements except COLAB_SKIP (Colab's torch stays); elsewhere do nothing.
-    Returns the pip command. RLHF_COLAB_NO_INSTALL=1 returns it without running it (tests/test_colab.py runs
-    the notebooks' Colab cell offline that way)."""
+    """In Colab, pip-install what colab_plan finds missing (today's Colab: nothing), with COLAB_KEEP held
+    at Colab's versions; print what was installed and how long it took. Elsewhere do nothing.
+    Returns the pip command ([] when none). RLHF_COLAB_NO_INSTALL=1 prints and returns it without
+    running it (tests/test_colab.py runs the notebooks' Colab cell offline that way)."""
+    import time
     if not in_colab():
         return []
-    lines = [ln.strip() for ln in Path(requirements).read_text().splitlines()]
-    pkgs = [ln for ln in lines if ln and not ln.startswith("#") and not re.match(COLAB_SKIP, ln)]
-    cmd = [sys.executable, "-m", "pip", "install", "-q", *pkgs]
+    t0 = time.perf_counter()
+    need, warn = colab_plan(requirements)
+    for w in warn:
+        print("Colab set-up: WARNING", w)
+    if not need:
+        print(f"Colab set-up: nothing to install, Colab has every package at a supported version "
+              f"({time.perf_counter() - t0:.1f} s)")
+        return []
+    # pip may not move what Colab keeps while it installs the rest: a constraint per kept package
+    # (else upgrading transformers could pull a new huggingface_hub or numpy with it)
+    from importlib import metadata
+    pins = []
+    for name in COLAB_KEEP + COLAB_TOOLS:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    held = Path(os.environ.get("TMPDIR", "/tmp"), "tiny-rlhf-colab-keep.txt")
+    held.write_text("\n".join(pins) + "\n")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "-c", str(held), *need]
     if os.environ.get("RLHF_COLAB_NO_INSTALL") not in (None, "", "0"):
+        print("Colab set-up: would install", " ".join(need), "(RLHF_COLAB_NO_INSTALL is set)")
         return cmd
     import subprocess
     (run or subprocess.check_call)(cmd)
+    print(f"Colab set-up: installed {' '.join(need)} ({time.perf_counter() - t0:.0f} s)")
     return cmd
 
 

@@ -6,9 +6,18 @@ habits, and `setup_sql` fills the table so that any SQL can be executed and comp
 gold answer (execution accuracy). util re-exports these names."""
 from __future__ import annotations
 
+import collections
+import itertools
 import random
 import sqlite3
+import sys
+import time
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:                          # Windows: no memory guard, the other limits still hold
+    resource = None
 
 from saving import write_jsonl
 
@@ -224,20 +233,130 @@ def write_dataset(data_dir=ROOT / "dataset") -> dict:
 # ---------------------------------------------------------------------------- execution accuracy (the gold metric)
 
 
-def execute_sql(setup_sql: str, query: str, max_steps: int = 200_000):
-    """Rows of `query` on a fresh in-memory database built by `setup_sql`, sorted; None if the SQL fails."""
-    con = sqlite3.connect(":memory:")
-    try:
-        con.executescript(setup_sql)
-        steps = [0]
+# Every execution of data- or model-written SQL goes through execute_sql: an in-memory database
+# that no statement can leave (no ATTACH, VACUUM INTO, PRAGMA, extension), with caps on value size,
+# VM steps, wall time, memory and rows. A refused statement is an execution failure (None).
+REFUSED = collections.Counter()              # failures by reason ('not authorized', 'steps', ...)
+SETUP_MAX_STEPS = 2_000_000                  # VM instructions for setup_sql (shipped: ~100)
+TIME_LIMIT_S = 0.5                           # per phase (setup, query); checked every _EVERY steps
+MEMORY_LIMIT = 64 << 20                      # bytes a call may add to the process's peak RSS
+MAX_ROWS = 100_000                           # more result rows than this: a failure
+QUERY_SQL_LENGTH = 100_000                   # bytes of query text; model answers are < 1 KB
+SETUP_SQL_LENGTH = 1_000_000                 # bytes of setup script; the shipped ones are < 600
+_EVERY = 100                                 # progress check period in VM instructions
+_LIMITS = {
+    sqlite3.SQLITE_LIMIT_ATTACHED: 0,        # no second database, so no file (VACUUM INTO attaches)
+    # a longer string/blob/row fails ("too big"); small because instr, replace and trim take time
+    # quadratic in it within one VM step, where no guard runs: 1 MB strings, 6 s to hours
+    sqlite3.SQLITE_LIMIT_LENGTH: 10_000,
+    sqlite3.SQLITE_LIMIT_COLUMN: 500,
+    sqlite3.SQLITE_LIMIT_EXPR_DEPTH: 200,    # parser recursion
+    sqlite3.SQLITE_LIMIT_COMPOUND_SELECT: 50,
+    sqlite3.SQLITE_LIMIT_FUNCTION_ARG: 32,
+    sqlite3.SQLITE_LIMIT_LIKE_PATTERN_LENGTH: 1000,
+}
+_A = sqlite3
+_QUERY_ACTIONS = frozenset({_A.SQLITE_SELECT, _A.SQLITE_READ, _A.SQLITE_FUNCTION,
+                            _A.SQLITE_RECURSIVE})
+# setup may build and fill its own tables; DROP too, so scripts starting "DROP TABLE IF EXISTS" run
+_SETUP_ACTIONS = _QUERY_ACTIONS | {
+    _A.SQLITE_CREATE_TABLE, _A.SQLITE_CREATE_TEMP_TABLE, _A.SQLITE_CREATE_INDEX,
+    _A.SQLITE_CREATE_TEMP_INDEX, _A.SQLITE_CREATE_VIEW, _A.SQLITE_CREATE_TEMP_VIEW,
+    _A.SQLITE_DROP_TABLE, _A.SQLITE_DROP_TEMP_TABLE, _A.SQLITE_DROP_INDEX,
+    _A.SQLITE_DROP_TEMP_INDEX, _A.SQLITE_DROP_VIEW, _A.SQLITE_DROP_TEMP_VIEW,
+    _A.SQLITE_INSERT, _A.SQLITE_UPDATE, _A.SQLITE_DELETE, _A.SQLITE_TRANSACTION,
+    _A.SQLITE_SAVEPOINT, _A.SQLITE_REINDEX}      # CREATE INDEX asks for REINDEX too
+# fts3_tokenizer('simple') returns a C pointer, and with 2 arguments installs one; printf (alias
+# format) repeats '%.*c' a billion times in one step, past the length limit (5 s, result NULL)
+_DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "printf", "format"})
+_TYPE_RANK = {type(None): 0, int: 1, float: 1, str: 2, bytes: 3}
 
-        def guard():                         # a runaway query (e.g. a cross join) is stopped, not waited for
-            steps[0] += 1
-            return steps[0] > max_steps // 1000
-        con.set_progress_handler(guard, 1000)
-        result = con.execute(query).fetchall()
-        return sorted(tuple(round(x, 6) if isinstance(x, float) else x for x in r) for r in result)
-    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError):
+
+def _authorizer(allowed: frozenset):
+    """An sqlite authorizer admitting only `allowed` actions on the main and temp databases."""
+    def check(action, arg1, arg2, db_name, source):
+        if action not in allowed or db_name not in (None, "main", "temp"):
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in _DENIED_FUNCTIONS:
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+    return check
+
+
+def _peak_rss() -> int:
+    """The process's peak resident memory in bytes; 0 where the resource module is missing."""
+    if resource is None:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024    # macOS counts bytes, Linux KiB
+
+
+def _reason(e: BaseException) -> str:
+    """A short failure reason for REFUSED, from an exception raised while running SQL."""
+    msg = str(e).lower()
+    if isinstance(e, MemoryError):
+        return "memory"
+    if "not authorized" in msg or "too many attached" in msg:
+        return "not authorized"
+    if "too big" in msg or "too large" in msg:
+        return "too big"
+    if "one statement at a time" in msg:
+        return "several statements"
+    return "error"
+
+
+def _sorted_rows(rows: list) -> list:
+    """Rows with floats rounded to 6 places, sorted so that results compare order-free."""
+    rows = [tuple(round(x, 6) if isinstance(x, float) else x for x in r) for r in rows]
+    try:
+        return sorted(rows)
+    except TypeError:                        # NULL or text next to numbers: rank by type first
+        return sorted(rows, key=lambda r: tuple((_TYPE_RANK[type(x)], 0 if x is None else x)
+                                                for x in r))
+
+
+def execute_sql(setup_sql: str, query: str, max_steps: int = 200_000):
+    """Sorted rows of `query` (sandboxed) on a new db built by `setup_sql`; None on failure."""
+    con = sqlite3.connect(":memory:", isolation_level=None)   # no implicit BEGIN before a query
+    left = [SETUP_MAX_STEPS // _EVERY]       # progress checks left in the current phase
+    why = [None]                             # which guard stopped the VM, if one did
+    deadline, peak0 = [time.monotonic() + TIME_LIMIT_S], _peak_rss()
+
+    def guard():                             # a runaway statement is stopped, not waited for
+        left[0] -= 1
+        if left[0] < 0:
+            why[0] = "steps"
+        elif time.monotonic() > deadline[0]:
+            why[0] = "time"
+        elif _peak_rss() - peak0 > MEMORY_LIMIT:
+            why[0] = "memory"
+        return why[0] is not None
+    try:
+        for limit, value in _LIMITS.items():
+            con.setlimit(limit, value)
+        con.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, SETUP_SQL_LENGTH)
+        if hasattr(con, "enable_load_extension"):     # absent where Python lacks extension support
+            con.enable_load_extension(False)
+        if hasattr(con, "setconfig") and hasattr(sqlite3, "SQLITE_DBCONFIG_DEFENSIVE"):  # 3.12+
+            con.setconfig(sqlite3.SQLITE_DBCONFIG_DEFENSIVE, True)
+        con.execute("PRAGMA temp_store = MEMORY")     # big sorts must not spill to temp files
+        con.set_progress_handler(guard, _EVERY)
+        con.set_authorizer(_authorizer(_SETUP_ACTIONS))
+        con.executescript(setup_sql)
+        con.set_authorizer(_authorizer(_QUERY_ACTIONS))           # the answer may only read
+        con.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, QUERY_SQL_LENGTH)
+        left[0], deadline[0] = max_steps // _EVERY, time.monotonic() + TIME_LIMIT_S
+        cur = con.execute(query)             # more than one statement raises ProgrammingError
+        if cur.description is None:          # an empty answer or a statement that is no query
+            REFUSED["not a query"] += 1
+            return None
+        rows = list(itertools.islice(cur, MAX_ROWS + 1))
+        if len(rows) > MAX_ROWS:
+            REFUSED["too many rows"] += 1
+            return None
+        return _sorted_rows(rows)
+    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError, MemoryError) as e:
+        REFUSED[why[0] or _reason(e)] += 1
         return None
     finally:
         con.close()

@@ -35,9 +35,9 @@ hold; util re-exports the names the notebooks use (util.load_rows, util.evaluate
   cli.py            the command line (`python util.py ...` runs cli.main) and the report
 
 torch is imported here at the top; transformers and peft inside the functions that use them. In
-Colab the notebooks' first cell runs runtime.colab_setup, which pip-installs the requirements,
-before anything imports util: pip must run before torch (and the numpy it loads) is imported, so
-runtime.py imports neither (tests/test_reliability.py checks it).
+Colab the notebooks' first cell runs runtime.colab_setup, which pip-installs only what Colab lacks
+(today: nothing), before anything imports util: pip must run before torch (and the numpy it loads)
+is imported, so runtime.py imports neither (tests/test_reliability.py checks it).
 """
 from __future__ import annotations
 
@@ -61,9 +61,10 @@ from encoding import (encode_batch, encode_prompt, encode_prompts, encode_respon
                       rm_batch, row_examples, sft_example, sft_examples)
 from evaluation import (evaluate_policy, no_gold_note, per_family_accuracy, score_pairs,
                         score_texts, win_rate)
-from model_files import (_require, check_tokenizer_matches, disable_dropout, load_causal_lm,
-                         load_score_model, load_tokenizer, prepare_base_models, run_in_precision,
-                         tiny_opt_config, train_tokenizer)
+from model_files import (_require, cache_kwarg, check_tokenizer_matches, checkpointing_enable,
+                         disable_dropout, is_checkpointing, load_causal_lm, load_score_model, load_tokenizer,
+                         output_cache, prepare_base_models, run_in_precision, tiny_opt_config,
+                         train_tokenizer)
 from plotting import plot_history, show_source
 from runtime import (accelerator, colab_setup, free_memory, get_device, hub_reachable, my_share,
                      progress, resolve_precision, set_seed, unwrap)
@@ -82,10 +83,13 @@ from training import (backward, batches, check_finite, grad_scaler, make_optimiz
 __all__ = ["Config", "ConfigError", "DataError", "PRESETS", "ROOT", "check_config",
            "default_preset", "get_config", "hub_reachable", "load_config",
            "DATA_SOURCES", "FAMILIES", "HABITS", "HABIT_RATE", "Rows", "STAGES", "TrainingStopped",
-           "_json_safe", "_sigterm_to_interrupt", "colab_setup", "data_source", "dataset_stats",
+           "_json_safe", "_sigterm_to_interrupt", "cache_kwarg", "checkpointing_enable",
+           "colab_setup", "data_source", "dataset_stats",
            "disable_dropout", "encode_batch", "encode_prompt", "encode_response", "evaluate_policy",
-           "execution_accuracy", "free_memory", "get_device", "in_validation", "leaked_prompts",
-           "left_pad", "load_rows", "make_dataset", "no_gold_note", "per_family_accuracy",
+           "execution_accuracy", "free_memory", "get_device", "in_validation", "is_checkpointing",
+           "leaked_prompts",
+           "left_pad", "load_rows", "make_dataset", "no_gold_note", "output_cache",
+           "per_family_accuracy",
            "plot_history", "prepare_base_models", "report_leakage", "resolve_precision", "rm_batch",
            "run_in_precision", "run_stage", "save_model", "sft_example", "sft_examples",
            "show_source", "tiny_opt_config", "train_tokenizer", "validation_prompts", "win_rate",
@@ -318,7 +322,8 @@ def token_scores(model, input_ids, attention_mask, cache=None):
     hook = unwrap(model).score.register_forward_hook(
         lambda module, inputs, output: seen.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, cache=cache)
+        extra = {} if cache is None else {cache_kwarg(unwrap(model)): cache}
+        model(input_ids=input_ids, attention_mask=attention_mask, **extra)
     finally:
         hook.remove()
     return seen[-1].squeeze(-1).float()
@@ -372,14 +377,15 @@ def shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner):
     its cached keys/values serve all its answers (InstructGPT's trick: K answers cost one prompt,
     not K)."""
     full_mask = torch.cat([prompt_mask[owner], mask], 1)
-    if unwrap(model).is_activation_checkpointing and unwrap(model).training:
+    if is_checkpointing(unwrap(model)) and unwrap(model).training:
         # gradient checkpointing returns no cache in training: read each prompt again with each of
         # its answers
         ids = torch.cat([prompt_ids[owner], ids], 1)
         return token_scores(model, ids, full_mask)[:, prompt_ids.shape[1]:]
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
-    out.cache.batch_select_indices(owner)       # one copy of the prompt's keys/values per answer
-    return token_scores(model, ids, full_mask, cache=out.cache)
+    cache = output_cache(out)
+    cache.batch_select_indices(owner)           # one copy of the prompt's keys/values per answer
+    return token_scores(model, ids, full_mask, cache=cache)
 
 
 def reward_loss(model, prompt_ids, prompt_mask, ids, mask, owner, c, r, prefix_weight: float = 0.0):

@@ -5,10 +5,12 @@ Colab's kernel has it loaded), and the stub `drive.mount` links `<mount>/MyDrive
 (or fails, as when the user declines). The clone source is a git repository made from this working tree, with
 the notebooks generated from .dev/notebooks.py, so the cell under test is the one being edited. Each notebook
 runs in a new kernel from a folder holding only that notebook, as when it is opened from GitHub.
-RLHF_COLAB_NO_INSTALL=1 keeps runtime.colab_setup from calling pip."""
+RLHF_COLAB_NO_INSTALL=1 keeps runtime.colab_setup from calling pip; every run asserts that the cell
+found nothing to install (in .venv-colab, `make test-colab`, that is Colab's published package set)."""
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +46,9 @@ def mount(mountpoint, force_remount=False, timeout_ms=120000, readonly=False):
     "sitecustomize.py": "import google.colab  # loaded at start, as in Colab's kernel\n",
 }
 PERSIST = "outputs (model/) persist on Google Drive"
+# what the first cell prints last in a runtime that has every package we need (Colab's today, and this)
+NOTHING = re.compile(r"Colab set-up: nothing to install, Colab has every package at a supported "
+                     r"version \(\d+\.\d s\)\n$")
 LOST = "not on Google Drive: the next notebook will NOT see model/ (lost when the runtime ends)"
 
 
@@ -108,6 +113,12 @@ def run_in_colab(name, folder, env, cells=None):
     return ["".join(o.get("text", "") for o in c.get("outputs", [])) for c in nb.cells]
 
 
+def first_cell(text):
+    """The first cell's output less its last line, which must say that it installed nothing."""
+    assert NOTHING.search(text), text
+    return NOTHING.sub("", text)
+
+
 def code_cells(name):
     return [c for c in NB.NOTEBOOKS[name] if c.cell_type == "code"]
 
@@ -139,7 +150,7 @@ def test_a_from_github_without_drive_clones_into_content_and_warns(stub, source,
     env = kernel_env(stub, tmp_path, f"file://{source}")
     out = run_in_colab("0_download", tmp_path / "opened", env)
     project = tmp_path / "content" / "tiny-rlhf"
-    assert out[1] == f"Google Drive not mounted: Error: credential propagation was unsuccessful\n" \
+    assert first_cell(out[1]) == f"Google Drive not mounted: Error: credential propagation was unsuccessful\n" \
                      f"tiny-rlhf: {project}; {LOST}\n"
     assert f"preset: smoke   precision: fp32   outputs: {project}/model" in out[3]
     assert (project / "model" / "base_actor").is_dir() and not (tmp_path / "content" / "drive").exists()
@@ -157,7 +168,7 @@ def test_c_with_drive_the_clone_goes_to_drive_and_the_next_notebook_finds_model(
     drive.mkdir()
     project = tmp_path / "content" / "drive" / "MyDrive" / "tiny-rlhf"
     out = run_in_colab("0_download", tmp_path / "nb0", kernel_env(stub, tmp_path, f"file://{source}", drive))
-    assert out[1] == f"Mounted at {tmp_path}/content/drive\ntiny-rlhf: {project}; {PERSIST}\n"
+    assert first_cell(out[1]) == f"Mounted at {tmp_path}/content/drive\ntiny-rlhf: {project}; {PERSIST}\n"
     assert (drive / "tiny-rlhf" / "util.py").is_file() and (drive / "tiny-rlhf" / "model" / "base_actor").is_dir()
     assert not (tmp_path / "content" / "tiny-rlhf").exists()
     # 1_actor: a new kernel (runtime) with a fresh /content; Drive still holds the project: found, not cloned
@@ -165,7 +176,7 @@ def test_c_with_drive_the_clone_goes_to_drive_and_the_next_notebook_finds_model(
     fresh.mkdir()
     out = run_in_colab("1_actor", fresh / "nb1", kernel_env(stub, fresh, fresh / "no-such-repo", drive))
     project = fresh / "content" / "drive" / "MyDrive" / "tiny-rlhf"
-    assert out[1] == f"Mounted at {fresh}/content/drive\ntiny-rlhf: {project}; {PERSIST}\n"
+    assert first_cell(out[1]) == f"Mounted at {fresh}/content/drive\ntiny-rlhf: {project}; {PERSIST}\n"
     assert (drive / "tiny-rlhf" / "model" / "actor" / "metrics.json").is_file()
 
 
@@ -183,8 +194,8 @@ def test_b_a_copy_uploaded_to_drive_is_found_without_cloning(stub, source, tmp_p
     env = kernel_env(stub, tmp_path, tmp_path / "no-such-repo", drive)
     out = run_in_colab("0_download", tmp_path / "opened", env, cells)
     project = f"{tmp_path}/content/drive/MyDrive/Colab Notebooks/tiny-rlhf"
-    assert out[1] == f"Mounted at {tmp_path}/content/drive\ntiny-rlhf: {project}; {PERSIST}\n"
-    assert out[2] == f"tiny-rlhf: {drive}/Colab Notebooks/tiny-rlhf; {PERSIST}\n"        # cwd, no mount again
+    assert first_cell(out[1]) == f"Mounted at {tmp_path}/content/drive\ntiny-rlhf: {project}; {PERSIST}\n"
+    assert first_cell(out[2]) == f"tiny-rlhf: {drive}/Colab Notebooks/tiny-rlhf; {PERSIST}\n"        # cwd, no mount again
     assert (drive / "Colab Notebooks" / "tiny-rlhf" / "model" / "base_actor").is_dir()
     assert sorted(os.listdir(drive)) == ["Colab Notebooks", "notes"]                   # nothing cloned
 

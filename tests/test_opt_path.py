@@ -142,7 +142,7 @@ def test_micro_batches_and_checkpointing_give_the_whole_batch_loss(micro_dirs, t
             model = util.load_causal_lm(tmp_path / "actor", cfg=cfg)
             ref = util.load_causal_lm(tmp_path / "actor", cfg=cfg).requires_grad_(False)
             out[micro, ckpt] = util.train_dpo(model, ref, tok, rows, rows[:8], cfg, "cpu")
-        assert model.is_activation_checkpointing == ckpt
+        assert util.is_checkpointing(model) == ckpt
     assert len(out[0, False]) >= 2
     for other in ((5, False), (0, True)):
         for a, b in zip(out[0, False], out[other]):

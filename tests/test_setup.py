@@ -1,9 +1,11 @@
 """Presets, the hub path (with local directories laid out like hub snapshots), device and Colab set-up."""
+import re
 import sys
 import time
 
 import pytest
 
+import runtime
 import util
 from conftest import ROOT
 
@@ -62,13 +64,52 @@ def test_device_is_printed(capsys):
     assert str(dev) in capsys.readouterr().out
 
 
-def test_colab_setup_installs_everything_but_torch(monkeypatch):
+def colab_snapshot():
+    """Package -> version in Colab's runtime as published (constraints/colab-*.txt), its torch too."""
+    pins = {}
+    for line in (ROOT / "constraints" / "colab-2026-08.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[runtime._norm(name)] = version
+    return {**pins, "torch": "2.11.0+cu128"}             # dropped from the file: Colab's CUDA build
+
+
+def test_colab_plan_on_todays_colab_installs_nothing():
+    assert runtime.colab_plan(ROOT / "requirements.txt", colab_snapshot()) == ([], [])
+
+
+def test_colab_plan_installs_what_is_missing_or_old_and_never_colabs_own():
+    colab = colab_snapshot()
+    older = {**colab, "transformers": "5.10.0", "pandas": "2.1.4", "torch": "2.3.1",
+             "huggingface-hub": "0.30.0", "pytest": "7.0.0"}
+    del older["peft"]
+    need, warn = runtime.colab_plan(ROOT / "requirements.txt", older)
+    assert [re.match(r"[\w-]+", n).group(0) for n in need] == ["transformers", "peft"]
+    # pandas and torch: out of range but Colab's own, so a warning, never an install; the tools
+    # (pytest, nbval) are not needed in Colab; huggingface_hub is no requirement of ours
+    assert [w.split()[0] for w in warn] == ["torch", "pandas"] and "2.1.4 is outside >=2.2" in warn[1]
+
+
+def test_colab_setup_installs_only_the_plan_and_holds_colabs_packages(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("RLHF_COLAB_NO_INSTALL", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("torch>=2.4\ntransformers>=99  # none has it\npandas>=99\npytest>=99\n")
     calls = []
-    assert util.colab_setup(ROOT / "requirements.txt", run=calls.append) == []      # not in Colab: nothing
+    assert util.colab_setup(reqs, run=calls.append) == [] and calls == []   # not in Colab: nothing
     monkeypatch.setitem(sys.modules, "google.colab", object())
-    cmd = util.colab_setup(ROOT / "requirements.txt", run=calls.append)
-    assert calls == [cmd] and cmd[:4] == [sys.executable, "-m", "pip", "install"]
-    assert not any(c.startswith("torch") for c in cmd) and any(c.startswith("transformers") for c in cmd)
-    monkeypatch.setenv("RLHF_COLAB_NO_INSTALL", "1")                                  # tests: never call pip
-    assert util.colab_setup(ROOT / "requirements.txt", run=calls.append) == cmd and calls == [cmd]
+    assert util.colab_setup(ROOT / "requirements.txt", run=calls.append) == [] and calls == []
+    assert "Colab set-up: nothing to install" in capsys.readouterr().out    # this env has it all
+    cmd = util.colab_setup(reqs, run=calls.append)
+    held = tmp_path / "tiny-rlhf-colab-keep.txt"
+    assert calls == [cmd] and cmd == [sys.executable, "-m", "pip", "install", "-q", "-c", str(held),
+                                      "transformers>=99"]
+    from importlib import metadata
+    assert f"pandas=={metadata.version('pandas')}" in held.read_text().splitlines()
+    assert f"torch=={metadata.version('torch')}" in held.read_text().splitlines()
+    out = capsys.readouterr().out
+    assert "WARNING pandas" in out and "installed transformers>=99" in out
+    monkeypatch.setenv("RLHF_COLAB_NO_INSTALL", "1")                          # tests: never call pip
+    assert util.colab_setup(reqs, run=calls.append) == cmd and calls == [cmd]
+    assert "would install transformers>=99" in capsys.readouterr().out
+
