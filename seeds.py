@@ -26,6 +26,9 @@ METRICS = ["exec_acc_greedy", "exec_acc_sampled", "kl"]
 # issue 17's targets for PPO, checked on every seed (tiny preset, 600 held-out prompts)
 TARGETS = {"sampled_gain_over_sft": 0.15, "sampled": 0.85, "greedy": 0.90, "spread": 0.05,
            "kl_tolerance": 0.30}
+# issue 23's for DPO: its gain over SFT, no family lost, the same on every seed, close to SFT
+DPO_TARGETS = {"gain_over_sft": 0.15, "family_drop": 0.05, "spread": 0.05, "kl": 2.0,
+               "rm_acc": 0.90}
 README_START, README_END = "<!-- seeds: written by seeds.py -->", "<!-- /seeds -->"
 
 
@@ -45,12 +48,15 @@ def run_seed(seed: int, out: Path, preset: str, fields: dict | None = None) -> f
 
 
 def collect(out: Path) -> dict:
-    """{model: {exec_acc_greedy, exec_acc_sampled, kl}} of one seed's report, the RM's held-out
-    pairwise accuracy as RM.rm_acc and PPO's KL target and last training KL."""
+    """{model: {exec_acc_greedy, exec_acc_sampled, kl, family_sampled}} of one seed's report, the
+    RM's held-out pairwise accuracy as RM.rm_acc and PPO's KL target and last training KL."""
     report = json.loads((out / "report.json").read_text())
     res = {name: {"exec_acc_greedy": m.get("exec_acc_greedy"),
                   "exec_acc_sampled": m.get("exec_acc_sampled"), "kl": m["kl_to_sft"]}
            for name, m in report["models"].items()}
+    for name, families in report.get("per_family", {}).items():
+        if name in res:                 # sampled accuracy per query family
+            res[name]["family_sampled"] = {f: v["sampled_ok"] for f, v in families.items()}
     critic = out / "critic" / "metrics.json"
     if critic.exists():
         res["RM"] = {"rm_acc": json.loads(critic.read_text()).get("eval_pairwise_acc")}
@@ -81,7 +87,7 @@ def summary(per_seed: dict) -> dict:
 
 
 def check_targets(per_seed: dict) -> list[str]:
-    """Issue 17's PPO targets, one line per check, 'ok' or 'MISSED'."""
+    """Issue 17's PPO targets, then issue 23's DPO ones, one line per check, 'ok' or 'MISSED'."""
     lines, sampled = [], []
     for seed, res in per_seed.items():
         ppo, sft = res.get("RLHF (PPO)"), res.get("SFT")
@@ -107,6 +113,45 @@ def check_targets(per_seed: dict) -> list[str]:
         spread = max(sampled) - min(sampled)
         lines.append(f"PPO sampled spread {spread:.3f} <= 0.05: "
                      f"{'ok' if spread <= TARGETS['spread'] else 'MISSED'}")
+    return lines + check_dpo_targets(per_seed)
+
+
+def check_dpo_targets(per_seed: dict) -> list[str]:
+    """Issue 23's DPO targets (and the RM's pairwise accuracy), one line per check."""
+    t, lines, sampled = DPO_TARGETS, [], []
+    for seed, res in per_seed.items():
+        dpo, sft = res.get("DPO"), res.get("SFT")
+        if not dpo or not sft or dpo["exec_acc_sampled"] is None:
+            continue
+        sampled.append(dpo["exec_acc_sampled"])
+        drops = {f: sft["family_sampled"][f] - a
+                 for f, a in dpo.get("family_sampled", {}).items()
+                 if f in sft.get("family_sampled", {})}
+        worst = max(drops, key=drops.get, default=None)
+        checks = [(f"sampled {dpo['exec_acc_sampled']:.3f} >= SFT sampled "
+                   f"{sft['exec_acc_sampled']:.3f} + 0.15",
+                   dpo["exec_acc_sampled"] >= sft["exec_acc_sampled"] + t["gain_over_sft"]),
+                  (f"greedy {dpo['exec_acc_greedy']:.3f} >= SFT greedy "
+                   f"{sft['exec_acc_greedy']:.3f} + 0.15",
+                   dpo["exec_acc_greedy"] >= sft["exec_acc_greedy"] + t["gain_over_sft"]),
+                  (f"KL {dpo['kl']:.2f} <= 2", dpo["kl"] <= t["kl"])]
+        if worst is not None:
+            checks.append((f"no family more than 0.05 below SFT sampled (largest fall: {worst} "
+                           f"{drops[worst]:+.3f})", drops[worst] <= t["family_drop"]))
+        else:
+            checks.append(("no family more than 0.05 below SFT sampled (no per-family figures)",
+                           False))
+        rm = res.get("RM", {}).get("rm_acc")
+        if rm is not None:
+            checks.append((f"RM held-out pairwise accuracy {rm:.3f} >= 0.90", rm >= t["rm_acc"]))
+        for what, ok in checks:
+            who = "RM" if what.startswith("RM") else "DPO"
+            lines.append(f"seed {seed}: {who} {what.removeprefix('RM ')}: "
+                         f"{'ok' if ok else 'MISSED'}")
+    if len(sampled) > 1:
+        spread = max(sampled) - min(sampled)
+        lines.append(f"DPO sampled spread {spread:.3f} <= 0.05: "
+                     f"{'ok' if spread <= t['spread'] else 'MISSED'}")
     return lines
 
 
@@ -170,7 +215,8 @@ def main(argv=None) -> int:
     text = table(per_seed, args.preset, first["n_eval_prompts"], fields)
     targets = check_targets(per_seed)
     times = ", ".join(f"seed {s}: {t / 60:.1f} min" for s, t in seconds.items())
-    path.with_suffix(".md").write_text(text + "\n\nPPO targets:\n\n" +
+    head = "\n\nTargets (PPO: issue 17; DPO and the RM: issue 23):\n\n"
+    path.with_suffix(".md").write_text(text + head +
                                        "\n".join(f"- {t}" for t in targets) +
                                        (f"\n\nWall time per seed: {times}\n" if times else "\n"))
     print(text, "\n".join(targets), times, sep="\n")

@@ -58,7 +58,9 @@ def train_stage(stage: str, cfg: Config, device, train, evalset) -> tuple:
         model = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
         ref = (None if cfg.lora_r else
                load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False))
-        return model, tok, train_dpo(model, ref, tok, train, evalset, cfg, device)
+        # its curves on the validation split: eval.json is the test set, never a training signal
+        val = load_data(cfg, "pref", split="val")
+        return model, tok, train_dpo(model, ref, tok, train, val, cfg, device)
     model, history = train_grpo(cfg, device, train)
     return model, tok, history
 

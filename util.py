@@ -872,11 +872,22 @@ def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoi
     return loss.mean(), beta * (logp_c - ref_c).detach(), beta * (logp_r - ref_r).detach()
 
 
+def chosen_nll(logp_c, labels_c):
+    """RPO's SFT term: the chosen answers' negative log-likelihood per token, a mean over pairs."""
+    # DPO alone may lower the chosen answer's probability too (only the gap to the rejected one
+    # counts, "likelihood displacement"); this term holds it up. Per token, as in SFT, so long
+    # answers do not outweigh short ones
+    n_tokens = (labels_c[:, 1:] != -100).sum(1).clamp(min=1)
+    return (-logp_c / n_tokens).mean()
+
+
 def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int = 64) -> dict:
-    """Implicit-reward accuracy and margin on held-out pairs, no gradient."""
-    if not rows:                                # no held-out pairs: nothing measured (not 0)
-        return {"eval_reward_acc": float("nan"), "eval_margin": float("nan")}
-    acc, margin = [], []
+    """On pairs, no gradient: implicit-reward accuracy and margin, and the mean log-ratio
+    log pi(y) - log pi_ref(y) (nats, summed over the answer) of the chosen and rejected answers."""
+    if not rows:                                # no pairs: nothing measured (not 0)
+        return dict.fromkeys(("reward_acc", "margin", "chosen_logratio", "rejected_logratio"),
+                             float("nan"))
+    acc, margin, chosen, rejected = [], [], [], []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             part = rows[i:i + batch_size]
@@ -888,7 +899,13 @@ def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int =
             _, rc, rr = dpo_loss(lp[:k], lp[k:], rlp[:k], rlp[k:], cfg.dpo_beta, cfg.dpo_loss)
             acc += (rc > rr).tolist()
             margin += (rc - rr).tolist()
-    return {"eval_reward_acc": sum(acc) / len(acc), "eval_margin": sum(margin) / len(margin)}
+            # a margin can grow while BOTH answers lose probability ("likelihood displacement"):
+            # only these two show it
+            chosen += (lp[:k] - rlp[:k]).tolist()
+            rejected += (lp[k:] - rlp[k:]).tolist()
+    n = len(acc)
+    return {"reward_acc": sum(acc) / n, "margin": sum(margin) / n,
+            "chosen_logratio": sum(chosen) / n, "rejected_logratio": sum(rejected) / n}
 
 
 def dpo_step(model, wrapped, ref, tok, opt, scaler, rows: list[dict], cfg: Config, device,
@@ -905,11 +922,8 @@ def dpo_step(model, wrapped, ref, tok, opt, scaler, rows: list[dict], cfg: Confi
         k = len(part)
         loss, rc, rr = dpo_loss(lp[:k], lp[k:], ref_lp[:k], ref_lp[k:], cfg.dpo_beta,
                                 cfg.dpo_loss)
-        if cfg.dpo_sft_weight > 0:
-            # DPO alone may lower the chosen answer's probability too (only the gap counts); an
-            # SFT term on the chosen answer holds it up (per-token mean, as in SFT)
-            n_tokens = (labels[:k, 1:] != -100).sum(1).clamp(min=1)
-            loss = loss + cfg.dpo_sft_weight * (-lp[:k] / n_tokens).mean()
+        if cfg.dpo_sft_weight > 0:              # RPO: DPO plus the SFT loss on the chosen answers
+            loss = loss + cfg.dpo_sft_weight * chosen_nll(lp[:k], labels[:k])
         loss = loss * (k / len(rows))           # the micro-batch's share of the batch's pairs
         check_finite(loss, "DPO loss", step)
         backward(loss, scaler)
@@ -919,25 +933,61 @@ def dpo_step(model, wrapped, ref, tok, opt, scaler, rows: list[dict], cfg: Confi
     return [loss_sum, *torch.cat(pair_stats, 1).mean(1).tolist()]
 
 
-def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device,
-              n_logs: int = 20) -> list[dict]:
+def dpo_sample_stats(model, ref, tok, rows, cfg: Config) -> dict:
+    """On prompts, no gradient: execution accuracy of one sampled answer each (the config's
+    temperature) and the KL to the reference, estimated on those samples (k1, summed)."""
+    if not rows:
+        return {"exec_acc_sampled": float("nan"), "kl_to_sft": float("nan")}
+    model.eval()
+    acc, kl = [], []
+    for i in range(0, len(rows), cfg.eval_batch_size):
+        part = rows[i:i + cfg.eval_batch_size]
+        qr, prompt_mask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
+        mask = response_mask(qr[:, lq:], tok.eos_token_id)
+        attn = torch.cat([prompt_mask, mask], 1)
+        with torch.no_grad():
+            lp, _ = response_logprobs(model, qr, attn, lq, cfg.temperature)
+            with reference_model(model, ref) as r:
+                rlp, _ = response_logprobs(r, qr, attn, lq, cfg.temperature)
+        kl += ((lp - rlp) * mask).sum(1).tolist()
+        # DPO never sees its own answers: only running them shows what it now writes
+        acc += exec_rewards(part, decode_responses(tok, qr[:, lq:]))
+    return {"exec_acc_sampled": sum(acc) / len(acc), "kl_to_sft": sum(kl) / len(kl)}
+
+
+def train_dpo(model, ref, tok, train_rows, val_rows, cfg: Config, device, n_logs: int = 20,
+              n_sampled: int = 64, sample_every: int = 4) -> list[dict]:
     """Direct preference optimisation on (prompt, chosen, rejected) against a frozen reference
-    (ref=None: the model's own weights with LoRA adapters off); returns the history (held-out stats
-    on up to 200 pairs)."""
+    (ref=None: the model's own weights with LoRA adapters off); returns the history: on up to 200
+    validation pairs at each of n_logs points, and on n_sampled validation prompts every
+    sample_every points, before training and at the end (n_sampled=0: never)."""
     check_not_stopped(model)
     check_tokenizer_matches(tok, model, cfg)
     pair = ("chosen", "rejected")
     train_rows = fit_rows(tok, with_fields(train_rows, pair, "DPO training pairs"), cfg, pair,
                           "DPO training pairs")
-    eval_rows = with_fields(eval_rows[:200], pair, "DPO held-out pairs")
-    print(f"DPO: {len(train_rows)} training pairs used, {len(eval_rows)} held-out pairs for the "
-          "curve")
+    val_rows = with_fields(val_rows[:200], pair, "DPO validation pairs")
+    # prompts with the tables and gold SQL to run the sampled answers on
+    judged = [r for r in val_rows if "setup_sql" in r][:n_sampled]
+    print(f"DPO: {len(train_rows)} training pairs used; {len(val_rows)} validation pairs and "
+          f"{len(judged)} validation prompts for the curves")
     plan = batches(len(train_rows), cfg.dpo_batch_size, cfg.dpo_epochs, cfg.seed)
     log_every = max(1, len(plan) // n_logs)
+
+    def val_stats(step: int) -> dict:
+        """The curves' validation figures (a point every log_every steps)."""
+        model.eval()                            # no dropout in what is measured
+        out = {f"val_{k}": v
+               for k, v in dpo_pair_stats(model, ref, tok, val_rows, cfg, device).items()}
+        if judged and (step // log_every % sample_every == 0 or step == len(plan)):
+            out.update({f"val_{k}": v
+                        for k, v in dpo_sample_stats(model, ref, tok, judged, cfg).items()})
+        return out
+    history = [{"step": 0, "epoch": 0.0, **val_stats(0)}]     # the start: the SFT model itself
     opt, sched = make_optimizer(model, cfg.dpo_lr, len(plan))
     # DDP only with N processes
     wrapped, scaler = accelerator().prepare(model), grad_scaler(cfg, device)
-    history, run = [], []
+    run = []
     bar = progress(plan, desc="DPO")
     with stop_cleanly("DPO", cfg, ("dpo_batch_size",), lambda: kept_model(cfg.path("dpo")), model):
         for step, idx in enumerate(bar, 1):
@@ -949,12 +999,11 @@ def train_dpo(model, ref, tok, train_rows, eval_rows, cfg: Config, device,
                 mean = [sum(col) / len(run) for col in zip(*run)]
                 rec = {"step": step, "epoch": step * cfg.dpo_batch_size / len(train_rows),
                        "train_loss": mean[0], "train_reward_acc": mean[1], "train_margin": mean[2],
-                       "chosen_reward": mean[3], "rejected_reward": mean[4],
-                       **dpo_pair_stats(model, ref, tok, eval_rows[:200], cfg, device)}
+                       "chosen_reward": mean[3], "rejected_reward": mean[4], **val_stats(step)}
                 history.append(rec)
                 run = []
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}",
-                                acc=f"{rec['eval_reward_acc']:.3f}", refresh=False)
+                                acc=f"{rec['val_reward_acc']:.3f}", refresh=False)
     model.eval()
     return history
 

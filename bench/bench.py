@@ -543,21 +543,23 @@ def dpo_quality(policy, tok, ev, cfg, start: Path, seed: int) -> dict:
     import util
     ref = util.load_causal_lm(start / "actor")
     stats = util.dpo_pair_stats(policy, ref, tok, ev, cfg, "cpu")
-    return {**policy_quality(policy, tok, ev, cfg, start, seed), "implicit_reward_acc": stats["eval_reward_acc"],
-            "implicit_margin": stats["eval_margin"]}
+    return {**policy_quality(policy, tok, ev, cfg, start, seed), "implicit_reward_acc": stats["reward_acc"],
+            "implicit_margin": stats["margin"]}
 
 
 def w_dpo_ours(spec, seed, work, start: Path) -> dict:
     import util
     cfg = make_cfg(spec, seed, work)
     cfg.dpo_epochs = spec["dpo_epochs"]
+    cfg.dpo_sft_weight = 0.0        # plain DPO on both sides: DPOTrainer's loss_type="sigmoid"
     train, ev = load_data(cfg)
     tok = util.load_tokenizer(start / "actor")
     model = util.load_causal_lm(start / "actor")
     ref = util.load_causal_lm(start / "actor").requires_grad_(False)
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    util.train_dpo(model, ref, tok, train, ev, cfg, "cpu", n_logs=1)   # one held-out check (200 pairs), at the end
+    # one check on 200 pairs at the end, no sampled curve: the work DPOTrainer does in the timed part
+    util.train_dpo(model, ref, tok, train, ev, cfg, "cpu", n_logs=1, n_sampled=0)
     dt = time.perf_counter() - t0
     peak = peak_rss_mb()
     n = len(util.fit_rows(tok, train, cfg, ("chosen", "rejected")))
@@ -572,6 +574,7 @@ def w_dpo_trl(spec, seed, work, start: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
     cfg = make_cfg(spec, seed, work)
     cfg.dpo_epochs = spec["dpo_epochs"]
+    cfg.dpo_sft_weight = 0.0        # plain DPO on both sides: DPOTrainer's loss_type="sigmoid"
     train, ev = load_data(cfg)
     tok = util.load_tokenizer(start / "actor")
     model = util.load_causal_lm(start / "actor")
@@ -736,7 +739,7 @@ def w_gen(spec, seed, work, start: Path) -> dict:
     timings = {}
 
     def ours_rollout():
-        ro = util.rollout(actor, ref, critic, rm, tok, rows, cfg, timings)
+        ro = util.rollout(actor, ref, critic, [rm], tok, rows, cfg, timings)   # a list: one RM, or an ensemble
         return ro.query_responses[:, ro.context_length:]
 
     gen_cfg = GenerationConfig(max_new_tokens=cfg.max_response_tokens, temperature=cfg.temperature + 1e-7, top_k=0,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import util
+from evaluation import evaluate_batch
 
 
 # ---------------------------------------------------------------- DPO
@@ -34,15 +35,113 @@ def test_dpo_and_ipo_losses_by_hand():
         util.dpo_loss(lc, lr, rc, rr, 0.1, "hinge2")
 
 
+def test_rpo_term_is_the_chosen_answers_per_token_nll(tok, micro_dirs, rows):
+    """chosen_nll against a token loop: -log pi per token of each chosen answer, then a mean over
+    pairs (a sum over tokens, or over the rejected answers, would differ: the lengths differ)."""
+    model = util.load_causal_lm(micro_dirs.path("actor"))
+    part = rows[:3]
+    ids, mask, labels = util.pair_batch(tok, part, micro_dirs)
+    with torch.no_grad():
+        got = util.chosen_nll(util.answer_logprobs(model, ids, mask, labels)[:3], labels[:3])
+    per_pair = []
+    for r in part:
+        p, a = util.encode_prompt(tok, r["prompt"]), util.encode_response(tok, r["chosen"])
+        logits = model(input_ids=torch.tensor([p + a])).logits[0]
+        nll = [-torch.log_softmax(logits[len(p) + t - 1], -1)[a[t]].item() for t in range(len(a))]
+        per_pair.append(sum(nll) / len(nll))
+    assert len({len(util.encode_response(tok, r["chosen"])) for r in part}) > 1     # lengths differ
+    assert got.item() == pytest.approx(sum(per_pair) / 3, abs=1e-4)
+
+
+def test_dpo_step_adds_the_weighted_rpo_term(tok, micro_dirs, rows):
+    """dpo_step's loss = DPO loss + dpo_sft_weight x chosen_nll (a flipped sign or a lost weight
+    changes it)."""
+    cfg = util.get_config("smoke", out_dir=micro_dirs.out_dir, dpo_sft_weight=0.7)
+    ref = util.load_causal_lm(cfg.path("actor"))
+    policy = _perturbed(util.load_causal_lm(cfg.path("actor")))
+    part = rows[:4]
+    ids, mask, labels = util.pair_batch(tok, part, cfg)
+    with torch.no_grad():
+        lp, rlp = (util.answer_logprobs(m, ids, mask, labels) for m in (policy, ref))
+    dpo, _, _ = util.dpo_loss(lp[:4], lp[4:], rlp[:4], rlp[4:], cfg.dpo_beta)
+    want = dpo + 0.7 * util.chosen_nll(lp[:4], labels[:4])
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    loss = util.dpo_step(policy, policy, ref, tok, opt, None, part, cfg, "cpu", 1)[0]
+    assert loss == pytest.approx(want.item(), abs=1e-4) and abs(want - dpo) > 0.5
+
+
 def test_dpo_starts_at_log2_and_learns(tok, micro_dirs, rows):
     cfg = util.get_config("smoke", out_dir=micro_dirs.out_dir, dpo_epochs=6, dpo_batch_size=8, dpo_lr=3e-3)
     actor = util.load_causal_lm(cfg.path("actor"))
     ref = util.load_causal_lm(cfg.path("actor"))
-    before = util.dpo_pair_stats(actor, ref, tok, rows[:8], cfg, "cpu")
-    assert before["eval_margin"] == pytest.approx(0.0, abs=1e-6)          # policy == reference: no implicit reward yet
-    history = util.train_dpo(actor, ref, tok, rows[:8], rows[:8], cfg, "cpu", n_logs=6)
-    assert history[0]["train_loss"] == pytest.approx(math.log(2), abs=0.02)
-    assert history[-1]["eval_margin"] > 0.05 and history[-1]["eval_reward_acc"] >= 0.75
+    history = util.train_dpo(actor, ref, tok, rows[:8], rows[8:16], cfg, "cpu", n_logs=6, n_sampled=4,
+                             sample_every=2)
+    start = history[0]                                                   # step 0: policy == reference
+    assert start["step"] == 0 and "train_loss" not in start
+    for key in ("val_margin", "val_chosen_logratio", "val_rejected_logratio", "val_kl_to_sft"):
+        assert start[key] == pytest.approx(0.0, abs=1e-5), key
+    assert history[1]["train_loss"] == pytest.approx(math.log(2), abs=0.02)
+    assert history[-1]["val_margin"] != pytest.approx(0.0, abs=1e-3)
+    # sampled figures at steps 0, 2 x log_every, ... and the last
+    sampled = [h["step"] for h in history if "val_exec_acc_sampled" in h]
+    assert sampled[0] == 0 and sampled[-1] == history[-1]["step"] and 1 < len(sampled) < len(history)
+    trained = util.train_dpo(actor, ref, tok, rows[:8], rows[:8], cfg, "cpu", n_logs=6, n_sampled=0)
+    assert trained[-1]["val_reward_acc"] >= 0.75 and not any("val_kl_to_sft" in h for h in trained)
+
+
+def _perturbed(model, scale=0.05, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_dpo_pair_stats_are_the_answers_log_ratios(tok, micro_dirs, rows):
+    """chosen/rejected log-ratios against answer_logprobs of policy and reference taken apart; a
+    swapped half, a sign or a missing reference would change them."""
+    cfg = micro_dirs
+    ref = util.load_causal_lm(cfg.path("actor"))
+    policy = _perturbed(util.load_causal_lm(cfg.path("actor")))
+    part = rows[:6]
+    stats = util.dpo_pair_stats(policy, ref, tok, part, cfg, "cpu", batch_size=4)   # two batches
+    ids, mask, labels = util.pair_batch(tok, part, cfg)
+    with torch.no_grad():
+        lp, rlp = (util.answer_logprobs(m, ids, mask, labels) for m in (policy, ref))
+    c, r = (lp - rlp)[:6], (lp - rlp)[6:]
+    assert abs(c.mean() - r.mean()) > 0.1                                  # the test can tell them apart
+    assert stats["chosen_logratio"] == pytest.approx(c.mean().item(), abs=1e-4)
+    assert stats["rejected_logratio"] == pytest.approx(r.mean().item(), abs=1e-4)
+    assert stats["margin"] == pytest.approx(cfg.dpo_beta * (c - r).mean().item(), abs=1e-4)
+    assert stats["reward_acc"] == pytest.approx((c > r).float().mean().item())
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_sample_stats_agree_with_the_evaluation(tok, micro_dirs, rows, monkeypatch, lora):
+    """The curve's KL and sampled accuracy against evaluate_batch on the same samples (with LoRA:
+    the reference is the model with its adapters off, against an explicit copy)."""
+    cfg = util.get_config("smoke", out_dir=micro_dirs.out_dir, lora_r=4 if lora else 0, eval_batch_size=4)
+    base = util.load_causal_lm(cfg.path("actor"))
+    policy = _perturbed(util.add_lora(util.load_causal_lm(cfg.path("actor")), cfg), 0.3 if lora else 0.05)
+    part = rows[:6]
+    decode, queue = util.decode_responses, []
+
+    def gold_for_every_other(t, resp):     # rows 0, 2, 4 answered with their gold SQL: 3 of 6 right
+        done, queue[:] = queue[:len(resp)], queue[len(resp):]
+        return [r["chosen"] if part.index(r) % 2 == 0 else x for r, x in zip(done, decode(t, resp))]
+    monkeypatch.setattr(util, "decode_responses", gold_for_every_other)
+    util.set_seed(5)
+    queue[:] = part
+    stats = util.dpo_sample_stats(policy, None if lora else base, tok, part, cfg)   # batches 4 + 2
+    util.set_seed(5)
+    queue[:] = part
+    per_row = evaluate_batch(policy, tok, part[:4], [""] * 4, cfg, ref=base)
+    per_row += evaluate_batch(policy, tok, part[4:], [""] * 2, cfg, ref=base)
+    kl = [r["kl"] for r in per_row]
+    assert max(abs(k) for k in kl) > 0.05                                  # the policy is not the reference
+    assert stats["kl_to_sft"] == pytest.approx(sum(kl) / 6, abs=1e-4)
+    assert stats["exec_acc_sampled"] == sum(r["sampled_ok"] for r in per_row) / 6 >= 0.5
 
 
 # ---------------------------------------------------------------- GRPO

@@ -141,13 +141,16 @@ def test_micro_batches_and_checkpointing_give_the_whole_batch_loss(micro_dirs, t
         else:
             model = util.load_causal_lm(tmp_path / "actor", cfg=cfg)
             ref = util.load_causal_lm(tmp_path / "actor", cfg=cfg).requires_grad_(False)
-            out[micro, ckpt] = util.train_dpo(model, ref, tok, rows, rows[:8], cfg, "cpu")
+            # no sampled curve: its samples depend on the random state, not on the arithmetic
+            out[micro, ckpt] = util.train_dpo(model, ref, tok, rows, rows[:8], cfg, "cpu", n_sampled=0)
         assert util.is_checkpointing(model) == ckpt
     assert len(out[0, False]) >= 2
     for other in ((5, False), (0, True)):
         for a, b in zip(out[0, False], out[other]):
             for k, v in a.items():
-                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (other, k, a, b)
+                # a log-ratio is a small difference of two sums of ~100 nats: float32 leaves 1e-5 of noise
+                tol = 1e-4 if k.endswith("logratio") else 1e-6
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=tol), (other, k, a, b)
 
 
 def test_ppo_and_grpo_refuse_several_processes(monkeypatch, micro_dirs):

@@ -66,7 +66,8 @@ def test_every_stage_runs_on_chat_pairs_and_says_what_it_used(run):
     assert "preference pairs (val): 2 of 64 rows" in printed["rm"]
     assert (f"prompts (train): 58 of 60 rows from {FIX / 'chat_prompts.txt'}"
             in printed["ppo"])                                              # .txt feeds PPO
-    assert "DPO: 62 training pairs used, 16 held-out pairs" in printed["dpo"]
+    assert ("DPO: 62 training pairs used; 2 validation pairs and 0 validation prompts for the curves"
+            in printed["dpo"])              # chat pairs have no tables to run a sampled answer on
     assert "leakage: 0 of 16 evaluation prompts are also in the SFT demonstrations" in \
         printed["sft"]
     for stage, (summary, _) in out.items():

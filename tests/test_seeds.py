@@ -70,3 +70,36 @@ def test_readme_table_is_replaced_between_its_markers(tmp_path):
     text = readme.read_text()
     assert text.count(seeds.README_START) == 1 and "table two" in text and "table one" not in text
     assert text.startswith("# x\n\nbefore\n")
+
+
+def _with_dpo(path, sft_family, dpo, dpo_family, kl):
+    """A seed's report with SFT and DPO per family (the report.json 4_test writes)."""
+    report = json.loads((path / "report.json").read_text())
+    report["models"]["DPO"] = {"exec_acc_greedy": dpo[0], "exec_acc_sampled": dpo[1], "kl_to_sft": kl}
+    report["per_family"] = {"SFT": {f: {"greedy_ok": a, "sampled_ok": a} for f, a in sft_family.items()},
+                            "DPO": {f: {"greedy_ok": a, "sampled_ok": a} for f, a in dpo_family.items()}}
+    (path / "report.json").write_text(json.dumps(report))
+    return seeds.collect(path)
+
+
+def test_dpo_targets_are_checked_on_every_seed(tmp_path):
+    fam = {"count": 1.0, "and": 0.2}
+    per_seed = {
+        # all met: +0.20 / +0.25 over SFT, KL 1.5, count unchanged
+        0: _with_dpo(_seed_dir(tmp_path / "0", (0.70, 0.72), (0.95, 0.90), 1.0), fam,
+                     (0.95, 0.92), {"count": 1.0, "and": 0.9}, 1.5),
+        # +0.14 sampled, greedy +0.15 exactly, KL 2.5, count 0.06 below SFT, RM 0.89
+        1: _with_dpo(_seed_dir(tmp_path / "1", (0.70, 0.72), (0.95, 0.90), 1.0, rm_acc=0.89), fam,
+                     (0.85, 0.86), {"count": 0.94, "and": 0.9}, 2.5),
+    }
+    lines = seeds.check_dpo_targets(per_seed)
+    assert [line for line in lines if line.endswith("MISSED")] == [
+        "seed 1: DPO sampled 0.860 >= SFT sampled 0.720 + 0.15: MISSED",
+        "seed 1: DPO KL 2.50 <= 2: MISSED",
+        "seed 1: DPO no family more than 0.05 below SFT sampled (largest fall: count +0.060): MISSED",
+        "seed 1: RM held-out pairwise accuracy 0.890 >= 0.90: MISSED",
+        "DPO sampled spread 0.060 <= 0.05: MISSED"]
+    assert "seed 1: DPO greedy 0.850 >= SFT greedy 0.700 + 0.15: ok" in lines
+    assert "seed 0: DPO no family more than 0.05 below SFT sampled (largest fall: count +0.000): ok" in lines
+    assert per_seed[0]["DPO"]["family_sampled"] == {"count": 1.0, "and": 0.9}
+    assert set(seeds.check_dpo_targets(per_seed)) <= set(seeds.check_targets(per_seed))
