@@ -808,19 +808,20 @@ The policy *is* the reward model: $\hat r(x,y) = \beta\log\frac{\pi_\theta(y\mid
 reward**. We train on the same preference pairs as the RM, from the SFT actor, with the frozen SFT model as
 $\pi_{\text{ref}}$; $\log\pi(y\mid x)$ is the sum of the answer tokens' log-probs (prompt and pads masked, as in SFT).
 
-**DPO's known failure, and the remedy used here.** The loss only sees the *gap* $h$ between chosen and rejected. It
-can grow while *both* answers lose probability ("likelihood displacement", Razin et al. 2024; Pal et al. 2024): the
-mass goes to answers in neither column, and nothing in offline DPO ever looks at them. So this project's default
-adds the SFT loss on the chosen answers (RPO, Pang et al. 2024), per token as in notebook 1, with weight
-$\alpha$ = `dpo_sft_weight` (the DPO paper's plain loss: `dpo_sft_weight=0`):
+**DPO's known failure, and the remedy used here.** The loss only sees the *gap* $h$ between chosen and rejected,
+and $-\log\sigma(\beta h)$ keeps rewarding a larger gap forever. The gap can grow while *both* answers lose
+probability ("likelihood displacement", Razin et al. 2024; Pal et al. 2024): the mass goes to answers in neither
+column, and nothing in offline DPO ever looks at them. Two remedies are one setting away:
 
-$$\mathcal{L} = \mathcal{L}_{\text{DPO}} + \alpha\,\frac{-\log\pi_\theta(y_c\mid x)}{|y_c|}$$
+* `dpo_loss="ipo"` (IPO, Azar et al., 2023), **the default** (the `opt` preset keeps the DPO paper's loss and
+  settings): $(h - \tfrac{1}{2\beta})^2$ with $h$ the bracket above. It pulls each pair's gap to $1/(2\beta)$ (5 nats at $\beta = 0.1$) and stops pushing there.
+* `dpo_sft_weight` $= \alpha > 0$ (RPO, Pang et al., 2024) adds the SFT loss of notebook 1 on the chosen answers,
+  per token, which holds their probability up:
+  $\mathcal{L} = \mathcal{L}_{\text{DPO}} + \alpha\,\frac{-\log\pi_\theta(y_c\mid x)}{|y_c|}$.
 
-It was chosen on the validation split, against plain DPO and other remedies, by `.dev/dpo_sweep.py`: its table
-follows the training curves below.
+The default was chosen on the validation split, against plain DPO (`dpo_loss="sigmoid"`) and other recipes, by
+`.dev/dpo_sweep.py`: its table follows the training curves below.
 
-* `dpo_loss="ipo"` switches to IPO (Azar et al., 2023): $(h - \tfrac{1}{2\beta})^2$ with $h$ the bracket above — it stops
-  pushing the margin once it reaches $1/(2\beta)$ instead of forever.
 * With `lora_r > 0` the actor gets LoRA adapters, and $\pi_{\text{ref}}$ is the same model with the adapters switched off:
   one copy of the weights instead of two.
 
@@ -887,7 +888,9 @@ nll_by_hand = (-logp[:k] / n_tokens).mean()
 nll = util.chosen_nll(logp[:k], labels[:k])
 print("tokens per chosen answer:", n_tokens.tolist())
 print(f"SFT term by hand: {nll_by_hand:.4f}   util.chosen_nll: {nll:.4f}")
-print(f"the step's loss: {loss:.4f} + {cfg.dpo_sft_weight} x {nll:.4f} = {loss + cfg.dpo_sft_weight * nll:.4f}")
+step_loss = (ipo if cfg.dpo_loss == "ipo" else loss) + cfg.dpo_sft_weight * nll      # what dpo_step minimises
+print(f"this config's loss on the batch: {cfg.dpo_loss} {(ipo if cfg.dpo_loss == 'ipo' else loss):.4f} "
+      f"+ {cfg.dpo_sft_weight} x {nll:.4f} = {step_loss:.4f}")
 assert torch.isclose(nll_by_hand, nll)'''),
     code('''t0 = time.time()
 history = util.train_dpo(actor, ref, tok, train, val, cfg, device)

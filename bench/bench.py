@@ -551,7 +551,9 @@ def w_dpo_ours(spec, seed, work, start: Path) -> dict:
     import util
     cfg = make_cfg(spec, seed, work)
     cfg.dpo_epochs = spec["dpo_epochs"]
-    cfg.dpo_sft_weight = 0.0        # plain DPO on both sides: DPOTrainer's loss_type="sigmoid"
+    # plain DPO on both sides (DPOTrainer's loss_type="sigmoid"): TRL's IPO averages the log-ratios
+    # per token where ours sums them, and its RPO term is not ours
+    cfg.dpo_loss, cfg.dpo_sft_weight = "sigmoid", 0.0
     train, ev = load_data(cfg)
     tok = util.load_tokenizer(start / "actor")
     model = util.load_causal_lm(start / "actor")
@@ -574,7 +576,9 @@ def w_dpo_trl(spec, seed, work, start: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
     cfg = make_cfg(spec, seed, work)
     cfg.dpo_epochs = spec["dpo_epochs"]
-    cfg.dpo_sft_weight = 0.0        # plain DPO on both sides: DPOTrainer's loss_type="sigmoid"
+    # plain DPO on both sides (DPOTrainer's loss_type="sigmoid"): TRL's IPO averages the log-ratios
+    # per token where ours sums them, and its RPO term is not ours
+    cfg.dpo_loss, cfg.dpo_sft_weight = "sigmoid", 0.0
     train, ev = load_data(cfg)
     tok = util.load_tokenizer(start / "actor")
     model = util.load_causal_lm(start / "actor")

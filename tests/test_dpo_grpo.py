@@ -63,7 +63,7 @@ def test_dpo_step_adds_the_weighted_rpo_term(tok, micro_dirs, rows):
     ids, mask, labels = util.pair_batch(tok, part, cfg)
     with torch.no_grad():
         lp, rlp = (util.answer_logprobs(m, ids, mask, labels) for m in (policy, ref))
-    dpo, _, _ = util.dpo_loss(lp[:4], lp[4:], rlp[:4], rlp[4:], cfg.dpo_beta)
+    dpo, _, _ = util.dpo_loss(lp[:4], lp[4:], rlp[:4], rlp[4:], cfg.dpo_beta, cfg.dpo_loss)
     want = dpo + 0.7 * util.chosen_nll(lp[:4], labels[:4])
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)
     loss = util.dpo_step(policy, policy, ref, tok, opt, None, part, cfg, "cpu", 1)[0]
@@ -71,7 +71,9 @@ def test_dpo_step_adds_the_weighted_rpo_term(tok, micro_dirs, rows):
 
 
 def test_dpo_starts_at_log2_and_learns(tok, micro_dirs, rows):
-    cfg = util.get_config("smoke", out_dir=micro_dirs.out_dir, dpo_epochs=6, dpo_batch_size=8, dpo_lr=3e-3)
+    # plain DPO (sigmoid loss, no SFT term): its loss starts at log 2
+    cfg = util.get_config("smoke", out_dir=micro_dirs.out_dir, dpo_epochs=6, dpo_batch_size=8, dpo_lr=3e-3,
+                          dpo_loss="sigmoid", dpo_sft_weight=0.0)
     actor = util.load_causal_lm(cfg.path("actor"))
     ref = util.load_causal_lm(cfg.path("actor"))
     history = util.train_dpo(actor, ref, tok, rows[:8], rows[8:16], cfg, "cpu", n_logs=6, n_sampled=4,
