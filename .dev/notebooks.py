@@ -921,8 +921,8 @@ if "val_exec_acc_sampled" in last:
     md("""
 ## Plain DPO beside the default: the validation sweep
 
-`.dev/dpo_sweep.py` trained DPO from one SFT model with each candidate recipe and 3 seeds (the seed changes the
-batch order), and scored every policy on the **validation split** (282 training prompts that no stage trains on),
+`.dev/dpo_sweep.py` trained DPO from one SFT model with each candidate recipe and several seeds (the seed changes
+the batch order), and scored every policy on the **validation split** (training prompts that no stage trains on),
 never on `eval.json`. Its rule: among the recipes that keep every question family within 0.05 of SFT and stay
 within 2 nats of it, the one whose *worst* seed has the highest sampled accuracy. `plain` is the DPO paper's loss
 with this project's earlier settings (1 epoch, lr 1e-4, $\\beta$ = 0.1); `rpo` adds the SFT term (weight 1; `rpo-w2`:
