@@ -73,8 +73,23 @@ def print_report(report: dict) -> None:
 def main(argv=None) -> int:
     """`python util.py make-dataset | make-tokenizer | stats`, a stage without its notebook or the
     report: `python util.py sft|rm|ppo|dpo|grpo|report [--config file.json] [--preset NAME]`."""
+    import os
+    import sys
+    try:
+        return run(argv)
+    # a user's mistake (a missing file or model, a bad config field or data row) is one clear
+    # line and exit status 2, not a traceback; RLHF_DEBUG=1 shows the traceback
+    except (FileNotFoundError, util.DataError, util.ConfigError, ValueError) as e:
+        if os.environ.get("RLHF_DEBUG"):
+            raise
+        print(f"tiny-rlhf: error: {e}\n(RLHF_DEBUG=1 shows where it was raised)", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
+    """main() without its handling of a user's mistakes."""
     import argparse
-    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python util.py", description=main.__doc__)
     ap.add_argument("command",
                     choices=["make-dataset", "make-tokenizer", "stats", *util.STAGES, "report"])
     ap.add_argument("--config", help="JSON file of Config fields (see util.Config), e.g. "

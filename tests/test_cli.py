@@ -61,3 +61,36 @@ def test_ppo_and_grpo_under_torchrun_refuse_before_writing(tmp_path, micro_dirs,
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "runs in one process" in p.stderr and "started with 2" in p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["actor", "critic", "smoke.json"]   # nothing written
+
+
+def test_every_command_runs_in_order_from_the_command_line(tmp_path):
+    """`python util.py <stage>` for each stage, in the notebooks' order, then the report: what a user
+    without notebooks types (a stage that stops taking a model the one before wrote breaks here)."""
+    conf = tmp_path / "smoke.json"
+    conf.write_text(json.dumps({"preset": "smoke"}))
+    out = tmp_path / "out"
+    for stage in ("sft", "rm", "ppo", "dpo", "grpo"):
+        last = _run([sys.executable, "util.py", stage, "--config", str(conf)], out)
+        assert last["stage"] == stage and (out / util.STAGES[stage]).is_dir()
+    env = {**os.environ, "RLHF_OUT": str(out), "TQDM_DISABLE": "1"}
+    p = subprocess.run([sys.executable, "util.py", "report", "--config", str(conf)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and (out / "report.json").exists(), p.stderr[-2000:]
+    assert {"SFT", "RLHF (PPO)", "DPO", "GRPO"} <= set(json.loads((out / "report.json").read_text())["models"])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["rm", "--preset", "smoke"], "actor has no model: run 1_actor.ipynb first"),
+    (["sft", "--config", "no-such-file.json"], "No such file or directory: 'no-such-file.json'"),
+    (["sft", "--config", "{bad}"], "unknown config field(s) ['lr']"),
+    (["sftt"], "invalid choice: 'sftt'"),
+    ([], "the following arguments are required: command"),
+])
+def test_a_users_mistake_is_one_clear_message_and_exit_2(tmp_path, args, says):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"preset": "smoke", "lr": 1}))
+    args = [str(bad) if a == "{bad}" else a for a in args]
+    env = {**os.environ, "RLHF_OUT": str(tmp_path / "empty"), "TQDM_DISABLE": "1"}
+    p = subprocess.run([sys.executable, "util.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
