@@ -128,26 +128,25 @@ def check_dpo_targets(per_seed: dict) -> list[str]:
                  for f, a in dpo.get("family_sampled", {}).items()
                  if f in sft.get("family_sampled", {})}
         worst = max(drops, key=drops.get, default=None)
-        checks = [(f"sampled {dpo['exec_acc_sampled']:.3f} >= SFT sampled "
-                   f"{sft['exec_acc_sampled']:.3f} + 0.15",
+        checks = [("DPO", f"sampled {dpo['exec_acc_sampled']:.3f} >= SFT sampled "
+                          f"{sft['exec_acc_sampled']:.3f} + 0.15",
                    dpo["exec_acc_sampled"] >= sft["exec_acc_sampled"] + t["gain_over_sft"]),
-                  (f"greedy {dpo['exec_acc_greedy']:.3f} >= SFT greedy "
-                   f"{sft['exec_acc_greedy']:.3f} + 0.15",
+                  ("DPO", f"greedy {dpo['exec_acc_greedy']:.3f} >= SFT greedy "
+                          f"{sft['exec_acc_greedy']:.3f} + 0.15",
                    dpo["exec_acc_greedy"] >= sft["exec_acc_greedy"] + t["gain_over_sft"]),
-                  (f"KL {dpo['kl']:.2f} <= 2", dpo["kl"] <= t["kl"])]
+                  ("DPO", f"KL {dpo['kl']:.2f} <= 2", dpo["kl"] <= t["kl"])]
         if worst is not None:
-            checks.append((f"no family more than 0.05 below SFT sampled (largest fall: {worst} "
-                           f"{drops[worst]:+.3f})", drops[worst] <= t["family_drop"]))
+            checks.append(("DPO", f"no family more than 0.05 below SFT sampled (largest fall: "
+                                  f"{worst} {drops[worst]:+.3f})",
+                           drops[worst] <= t["family_drop"]))
         else:
-            checks.append(("no family more than 0.05 below SFT sampled (no per-family figures)",
-                           False))
+            checks.append(("DPO", "no family more than 0.05 below SFT sampled (no per-family "
+                                  "figures)", False))
         rm = res.get("RM", {}).get("rm_acc")
         if rm is not None:
-            checks.append((f"RM held-out pairwise accuracy {rm:.3f} >= 0.90", rm >= t["rm_acc"]))
-        for what, ok in checks:
-            who = "RM" if what.startswith("RM") else "DPO"
-            lines.append(f"seed {seed}: {who} {what.removeprefix('RM ')}: "
-                         f"{'ok' if ok else 'MISSED'}")
+            checks.append(("RM", f"held-out pairwise accuracy {rm:.3f} >= 0.90", rm >= t["rm_acc"]))
+        for who, what, ok in checks:
+            lines.append(f"seed {seed}: {who} {what}: {'ok' if ok else 'MISSED'}")
     if len(sampled) > 1:
         spread = max(sampled) - min(sampled)
         lines.append(f"DPO sampled spread {spread:.3f} <= 0.05: "

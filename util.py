@@ -896,13 +896,14 @@ def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int =
             with reference_model(model, ref) as r:
                 rlp = answer_logprobs(r, ids, mask, labels)
             k = len(part)
-            _, rc, rr = dpo_loss(lp[:k], lp[k:], rlp[:k], rlp[k:], cfg.dpo_beta, cfg.dpo_loss)
-            acc += (rc > rr).tolist()
-            margin += (rc - rr).tolist()
+            c, r = lp[:k] - rlp[:k], lp[k:] - rlp[k:]   # log pi - log pi_ref, chosen and rejected
+            # the implicit rewards are beta * c and beta * r: right when the chosen one is higher
+            acc += (c > r).tolist()
+            margin += (cfg.dpo_beta * (c - r)).tolist()
             # a margin can grow while BOTH answers lose probability ("likelihood displacement"):
             # only these two show it
-            chosen += (lp[:k] - rlp[:k]).tolist()
-            rejected += (lp[k:] - rlp[k:]).tolist()
+            chosen += c.tolist()
+            rejected += r.tolist()
     n = len(acc)
     return {"reward_acc": sum(acc) / n, "margin": sum(margin) / n,
             "chosen_logratio": sum(chosen) / n, "rejected_logratio": sum(rejected) / n}

@@ -80,6 +80,7 @@ def test_dpo_starts_at_log2_and_learns(tok, micro_dirs, rows):
                              sample_every=2)
     start = history[0]                                                   # step 0: policy == reference
     assert start["step"] == 0 and "train_loss" not in start
+    assert start["val_reward_acc"] == 0.0                              # a tie is no right answer
     for key in ("val_margin", "val_chosen_logratio", "val_rejected_logratio", "val_kl_to_sft"):
         assert start[key] == pytest.approx(0.0, abs=1e-5), key
     assert history[1]["train_loss"] == pytest.approx(math.log(2), abs=0.02)
