@@ -105,7 +105,8 @@ def check_targets(per_seed: dict) -> list[str]:
             dev = ppo["kl"] / target - 1
             checks.append((f"held-out KL {ppo['kl']:.2f} within 30% of target {target:g} "
                            f"({dev:+.0%}; rollouts, last 5 iterations: "
-                           f"{ppo['train_kl_last5']:.2f}, {ppo['train_kl_last5'] / target - 1:+.0%})",
+                           f"{ppo['train_kl_last5']:.2f}, "
+                           f"{ppo['train_kl_last5'] / target - 1:+.0%})",
                            abs(dev) <= TARGETS["kl_tolerance"]))
         for what, ok in checks:
             lines.append(f"seed {seed}: PPO {what}: {'ok' if ok else 'MISSED'}")

@@ -1,49 +1,38 @@
 """tiny-rlhf: the RLHF pipeline the notebooks share, in the order they run it.
 
-  config        util.Config and util.get_config: every knob and the presets (config.py)
   models        LoRA adapters; the frozen reference policy
   generation    sampling answers; the log-probs of the tokens sampled
   SFT           supervised fine-tuning on demonstrations: the loss, one step, the loop
   reward        the reward model: a scalar head, the pairwise (Bradley-Terry) loss, its training,
-                its scale (mean 0, std 1 on the SFT policy's answers)
+                its scale (mean 0, std 1 on the SFT policy's answers), its scores of texts
   PPO           rollout, KL-penalised rewards, GAE, the clipped policy and value losses, the loop
   DPO / GRPO    preference optimisation without a reward model; group-relative RL on rewards
-  command line  `python util.py ...` runs cli.main
+  evaluation    execution accuracy greedy and sampled, RM score, KL to SFT, win rate; the report
+  one stage     run_stage: a stage trained, saved and logged without its notebook
+  command line  `python util.py sft|rm|ppo|dpo|grpo|report|make-dataset|...`: main
 
 The losses (pairwise_loss, ppo_policy_loss, ppo_value_loss, dpo_loss, grpo_loss, group_advantages)
 are small pure functions that the loops, the notebooks and the tests share.
 
-The plumbing a learner need not read lives beside this file, in modules named for what they
-hold; util re-exports the names the notebooks use (util.load_rows, util.evaluate_policy, ...):
-  config.py         Config (every knob, each with why), PRESETS (smoke, tiny, opt), get_config,
-                    load_config: read it first to see what can be turned
-  sql_data.py       the synthetic text-to-SQL preference set and its gold metric (execute_sql)
-  data_files.py     reading data files and hub datasets, the Config's data sources, the validation
-                    split, leakage
-  config_checks.py  checking a Config's fields: types, ranges, names, limits
-  runtime.py        device, precision, processes (accelerate), seeds, Colab, the hub, progress bars
-  model_files.py    models and the tokenizer built, downloaded, loaded ready to train, checked
-  encoding.py       text to token ids and padded batches: SFT examples, ranking and pair batches;
-                    the rows whose answers fit the token limits
-  training.py       around every loss: batches, micro-batches, AdamW, fp16 loss scaling, the
-                    clipped optimizer step, the NaN check
-  evaluation.py     measured without gradients: RM scores, execution accuracy, KL to SFT, win rate
-  saving.py         atomic saves, JSON and the run record in logs/, PPO's checkpoint files
-  stopping.py       a stage stopped cleanly on Ctrl-C, SIGTERM, a NaN or out-of-memory
-  plotting.py       training curves, a function's source shown in a notebook
-  stages.py         run_stage: one stage trained, saved and logged without its notebook
-  cli.py            the command line (`python util.py ...` runs cli.main) and the report
+The plumbing a learner need not read lives in the package rlhf/, in modules named for what they
+hold (its __init__.py lists them); none of them imports this file. util re-exports the names the
+notebooks use (util.Config, util.get_config, util.load_rows, util.plot_history, ...). Start with
+rlhf/config.py: every knob, each with why. Imports run one way: notebooks -> util -> rlhf/
+(tests/test_layout.py checks that they form no circle).
 
 torch is imported here at the top; transformers and peft inside the functions that use them. In
-Colab the notebooks' first cell runs runtime.colab_setup, which pip-installs only what Colab lacks
-(today: nothing), before anything imports util: pip must run before torch (and the numpy it loads)
-is imported, so runtime.py imports neither (tests/test_reliability.py checks it).
+Colab the notebooks' first cell runs rlhf.runtime.colab_setup, which pip-installs only what Colab
+lacks (today: nothing), before anything imports util: pip must run before torch (and the numpy it
+loads) is imported, so rlhf/runtime.py imports neither (tests/test_reliability.py checks it).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,49 +40,45 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from config import PRESETS, ROOT, Config, default_preset, get_config, load_config
-from config_checks import ConfigError, check_config
-from data_files import (DATA_SOURCES, DataError, Rows, check_grpo_reward, data_source,
-                        demonstrations, in_validation, leaked_prompts, load_data, load_rows,
-                        report_leakage, validation_prompts, with_fields)
-from encoding import (encode_batch, encode_prompt, encode_prompts, encode_response, fit_rows,
-                      left_pad, pair_batch, ranking_batch, ranking_examples, right_pad_batch,
-                      rm_batch, row_examples, sft_example, sft_examples)
-from evaluation import (evaluate_policy, no_gold_note, per_family_accuracy, score_pairs,
-                        score_texts, win_rate)
-from model_files import (_require, cache_kwarg, check_tokenizer_matches, checkpointing_enable,
-                         disable_dropout, is_checkpointing, load_causal_lm, load_score_model, load_tokenizer,
-                         output_cache, prepare_base_models, run_in_precision, tiny_opt_config,
-                         train_tokenizer)
-from plotting import plot_history, show_source
-from runtime import (accelerator, colab_setup, free_memory, get_device, hub_reachable, my_share,
-                     progress, resolve_precision, set_seed, unwrap)
-from saving import (_json_safe, inputs_fingerprint, load_ppo_state, optimizer_from_tensors,
-                    ppo_settings, prompts_digest, save_model, save_ppo_checkpoint, write_json,
-                    write_run_record)
-from sql_data import (FAMILIES, HABIT_RATE, HABITS, dataset_stats, execute_sql, execution_accuracy,
-                      execution_match, make_dataset, write_dataset)
-from stages import STAGES, run_stage
-from stopping import (TrainingStopped, _sigterm_to_interrupt, check_not_stopped, kept_checkpoint,
-                      kept_model, stop_cleanly)
-from training import (backward, batches, check_finite, grad_scaler, make_optimizer, micro_batches,
-                      optimizer_step)
+from rlhf.checks import ConfigError, DataError, check_config
+from rlhf.config import (PRESETS, ROOT, Config, default_preset, get_config, load_config,
+                         resolve_precision)
+from rlhf.data_files import (DATA_SOURCES, Rows, check_grpo_reward, data_source, demonstrations,
+                             in_validation, leaked_prompts, load_data, load_rows,
+                             report_leakage, validation_prompts, with_fields)
+from rlhf.encoding import (encode_batch, encode_prompt, encode_prompts, encode_response,
+                           fit_rows, left_pad, pair_batch, ranking_batch, ranking_examples,
+                           right_pad_batch, rm_batch, row_examples, sft_example, sft_examples)
+from rlhf.model_files import (_require, cache_kwarg, check_tokenizer_matches,
+                              checkpointing_enable, disable_dropout, is_checkpointing,
+                              load_causal_lm, load_score_model, load_tokenizer, output_cache,
+                              prepare_base_models, run_in_precision, tiny_opt_config,
+                              train_tokenizer)
+from rlhf.plotting import plot_history, show_source
+from rlhf.runtime import (accelerator, colab_setup, free_memory, get_device, hub_reachable,
+                          my_share, progress, set_seed, unwrap)
+from rlhf.saving import (_json_safe, inputs_fingerprint, load_ppo_state, optimizer_from_tensors,
+                         ppo_settings, prompts_digest, save_model, save_ppo_checkpoint,
+                         write_json, write_run_record)
+from rlhf.sql_data import (FAMILIES, HABIT_RATE, HABITS, dataset_stats, execute_sql,
+                           execution_accuracy, execution_match, make_dataset, write_dataset)
+from rlhf.stopping import (TrainingStopped, _sigterm_to_interrupt, check_not_stopped,
+                           kept_checkpoint, kept_model, stop_cleanly)
+from rlhf.training import (backward, batches, check_finite, grad_scaler, make_optimizer,
+                           micro_batches, optimizer_step)
 
 # the plumbing's names that notebooks, tests and the CLI reach as util.X without util using them
 __all__ = ["Config", "ConfigError", "DataError", "PRESETS", "ROOT", "check_config",
-           "default_preset", "get_config", "hub_reachable", "load_config",
-           "DATA_SOURCES", "FAMILIES", "HABITS", "HABIT_RATE", "Rows", "STAGES", "TrainingStopped",
-           "_json_safe", "_sigterm_to_interrupt", "cache_kwarg", "checkpointing_enable",
-           "colab_setup", "data_source", "dataset_stats",
-           "disable_dropout", "encode_batch", "encode_prompt", "encode_response", "evaluate_policy",
-           "execution_accuracy", "free_memory", "get_device", "in_validation", "is_checkpointing",
-           "leaked_prompts",
-           "left_pad", "load_rows", "make_dataset", "no_gold_note", "output_cache",
-           "per_family_accuracy",
-           "plot_history", "prepare_base_models", "report_leakage", "resolve_precision", "rm_batch",
-           "run_in_precision", "run_stage", "save_model", "sft_example", "sft_examples",
-           "show_source", "tiny_opt_config", "train_tokenizer", "validation_prompts", "win_rate",
-           "write_dataset", "write_json", "write_run_record"]
+           "default_preset", "get_config", "hub_reachable", "load_config", "DATA_SOURCES",
+           "FAMILIES", "HABITS", "HABIT_RATE", "Rows", "TrainingStopped", "_json_safe",
+           "_sigterm_to_interrupt", "cache_kwarg", "checkpointing_enable", "colab_setup",
+           "data_source", "dataset_stats", "disable_dropout", "encode_batch", "encode_prompt",
+           "encode_response", "execution_accuracy", "free_memory", "get_device", "in_validation",
+           "is_checkpointing", "leaked_prompts", "left_pad", "load_rows", "make_dataset",
+           "output_cache", "plot_history", "prepare_base_models", "report_leakage",
+           "resolve_precision", "rm_batch", "run_in_precision", "save_model", "sft_example",
+           "sft_examples", "show_source", "tiny_opt_config", "train_tokenizer",
+           "validation_prompts", "write_dataset", "write_json", "write_run_record"]
 
 
 # ============================================================================ models
@@ -121,8 +106,6 @@ def add_lora(model, cfg: Config):
 
 
 @contextlib.contextmanager
-
-
 def reference_model(actor, ref):
     """The frozen reference policy: the SFT copy `ref`, or with LoRA (ref=None) the actor itself
     with its adapters switched off, so only one copy of the base weights is held."""
@@ -428,6 +411,38 @@ def reward_step(model, wrapped, tok, opt, scaler, batch: list, cfg: Config, devi
     return loss, right / sum(n_pairs)
 
 
+def score_texts(model, tok, prompts: list[str], answers: list[str], cfg: Config, device,
+                normalized=True, batch_size=128):
+    """Reward of each (prompt, answer) pair."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            rows = [{"prompt": p, "x": a}
+                    for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
+            ids, mask = rm_batch(tok, rows, cfg, "x")
+            out += reward_scores(model, ids.to(device), mask.to(device), normalized).tolist()
+    return out
+
+
+def score_pairs(model, tok, rows, cfg: Config, device, batch_size: int = 128):
+    """(chosen scores, rejected scores), raw, for many rows, no gradient; each prompt is read once.
+    """
+    one_pair = dataclasses.replace(cfg, rm_max_rejected=1)
+    model.eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            examples = ranking_examples(tok, rows[i:i + batch_size], one_pair)
+            batch = ranking_batch(examples, tok.pad_token_id)
+            prompt_ids, prompt_mask, ids, mask, owner, c, r = (t.to(device) for t in batch)
+            per_token = shared_prompt_scores(model, prompt_ids, prompt_mask, ids, mask, owner)
+            s = at_last_token(per_token, mask)
+            chosen += s[c].tolist()
+            rejected += s[r].tolist()
+    return chosen, rejected
+
+
 def train_reward(model, tok, train_rows, eval_rows, cfg: Config, device,
                  n_logs: int = 10) -> list[dict]:
     """Pairwise reward-model training; returns loss/accuracy history (train running, held-out on up
@@ -564,8 +579,6 @@ def gae_advantages(rewards, values, mask, gamma: float, lam: float):
 
 
 @dataclasses.dataclass
-
-
 class Rollout:
     """One batch of sampled answers with everything PPO needs, computed once before the updates."""
     query_responses: object      # [B, Lq+Lr] prompt (left-padded) + answer (pads after EOS)
@@ -1164,13 +1177,281 @@ def train_grpo(cfg: Config, device, rows=None) -> tuple[object, list[dict]]:
     return actor, history
 
 
-# ======================================================================== the command line
+# ============================================================================ evaluation
+# measured without gradients: what 4_test reports for every model, and the CLI's report
+
+
+def evaluate_batch(model, tok, part: list[dict], greedy: list[str], cfg: Config, rm=None,
+                   ref=None) -> list[dict]:
+    """One sampled answer per row of `part` beside its greedy one: per-row verdicts (None without
+    setup_sql), RM score, KL to the reference, length, EOS."""
+    qr, pmask, lq = generate(model, tok, [r["prompt"] for r in part], cfg)
+    resp = qr[:, lq:]
+    mask = response_mask(resp, tok.eos_token_id)
+    _, has_eos = first_eos_index(resp, tok.eos_token_id)
+    attn = torch.cat([pmask, mask], 1)
+    with torch.no_grad():
+        kl = torch.zeros(len(part))
+        # KL(policy || ref) estimated on the policy's own samples (k1, summed)
+        if ref is not None:
+            lp, _ = response_logprobs(model, qr, attn, lq, cfg.temperature)
+            rlp, _ = response_logprobs(ref, qr, attn, lq, cfg.temperature)
+            kl = ((lp - rlp) * mask).sum(1).cpu()
+        score = (reward_scores(rm, qr, attn).cpu() if rm is not None
+                 else torch.full((len(part),), float("nan")))
+    out = []
+    for j, (r, text) in enumerate(zip(part, decode_responses(tok, resp))):
+        # the gold metric needs the row's tables and gold SQL: else None, not a guess
+        judged = "setup_sql" in r and isinstance(r.get("chosen"), str)
+
+        def ok(answer):
+            return execution_match(r["setup_sql"], r["chosen"], answer) if judged else None
+        out.append({"prompt": r["prompt"], "family": r.get("family", "?"),
+                    "gold": (r.get("chosen") or "").strip(),
+                    "greedy": greedy[j].strip(), "sampled": text.strip(),
+                    "greedy_ok": ok(greedy[j]), "sampled_ok": ok(text),
+                    "rm_score": float(score[j]), "kl": float(kl[j]), "length": int(mask[j].sum()),
+                    "eos": bool(has_eos[j])})
+    return out
+
+
+def evaluate_policy(model, tok, rows, cfg: Config, rm=None, ref=None,
+                    desc: str = "eval") -> tuple[dict, list[dict]]:
+    """Execution accuracy greedy and sampled (rows with setup_sql), RM score, KL, length, EOS."""
+    prompts = [r["prompt"] for r in rows]
+    greedy = sample_answers(model, tok, prompts, cfg, greedy=True, desc=f"{desc} greedy")
+    per_row = []
+    bs = cfg.eval_batch_size
+    with stop_cleanly(desc, cfg, ("eval_batch_size",)):
+        for i in progress(range(0, len(rows), bs), desc=f"{desc} sampled", leave=False):
+            per_row += evaluate_batch(model, tok, rows[i:i + bs], greedy[i:i + bs], cfg, rm, ref)
+    n = len(per_row)
+    judged = [r for r in per_row if r["greedy_ok"] is not None]
+    summary = {}
+    if judged:
+        summary["exec_acc_greedy"] = sum(r["greedy_ok"] for r in judged) / len(judged)
+        summary["exec_acc_sampled"] = sum(r["sampled_ok"] for r in judged) / len(judged)
+    summary.update({"rm_score": sum(r["rm_score"] for r in per_row) / n,
+                    "kl_to_sft": sum(r["kl"] for r in per_row) / n,
+                    "length": sum(r["length"] for r in per_row) / n,
+                    "eos_rate": sum(r["eos"] for r in per_row) / n,
+                    "n_prompts": n, "temperature": cfg.temperature})
+    if len(judged) < n:
+        summary["n_with_setup_sql"] = len(judged)
+        print(f"{desc}: execution accuracy on {len(judged)} of {n} prompts (others lack "
+              "setup_sql)")
+    return summary, per_row
+
+
+def no_gold_note(judged: int, n: int) -> str:
+    """What the evaluation leaves out, and why, when rows have no setup_sql."""
+    what = "not measured" if judged == 0 else f"measured on {judged} of {n} prompts only"
+    return (f"execution accuracy {what}: it needs 'setup_sql' (the tables the SQL runs on) and "
+            "'chosen' (the gold SQL) in the evaluation rows. Measured without them: RM score, KL "
+            "to SFT, win rate vs SFT (by the RM), length, EOS rate.")
+
+
+def per_family_accuracy(per_row: list[dict]) -> dict:
+    """Sampled and greedy execution accuracy per question family (of the rows with a verdict)."""
+    import pandas as pd
+    judged = pd.DataFrame([r for r in per_row if r["greedy_ok"] is not None])
+    if judged.empty:
+        return {}
+    return judged.groupby("family")[["greedy_ok", "sampled_ok"]].mean().round(3).to_dict("index")
+
+
+def win_rate(scores_a: list[float], scores_b: list[float]) -> float:
+    """Share of prompts where a's answer scores higher than b's by the RM (ties count half)."""
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)]
+    return sum(wins) / max(len(wins), 1)
+
+
+# the models the report looks for: its name -> the folder under out_dir
+REPORT_MODELS = {"SFT": "actor", "RLHF (PPO)": "rlhf", "DPO": "dpo", "GRPO": "grpo"}
+
+
+def build_report(cfg: Config, device) -> tuple[dict, dict]:
+    """(report, per-row results) of each model present, as 4_test does; writes report.json."""
+    tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
+    evalset = load_data(cfg, "eval")
+    leakage, seen = {}, set()
+    for kind in ("sft", "pref", "prompt"):  # each training source once (by default one file)
+        if data_source(cfg, kind) not in seen:
+            seen.add(data_source(cfg, kind))
+            leakage[kind] = report_leakage(load_data(cfg, kind), evalset,
+                                                DATA_SOURCES[kind][3])
+    has_rm = (cfg.path("critic") / "config.json").exists()
+    rm = load_score_model(cfg.path("critic"), device=device, cfg=cfg) if has_rm else None
+    ref = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
+    present = {k: d for k, d in REPORT_MODELS.items() if (cfg.path(d) / "config.json").exists()}
+    print("models found:", list(present))
+    results, rows = {}, {}
+    for name, d in present.items():
+        set_seed(cfg.seed)
+        model = load_causal_lm(cfg.path(d), device=device, cfg=cfg)
+        results[name], rows[name] = evaluate_policy(model, tok, evalset, cfg, rm=rm, ref=ref,
+                                                         desc=name)
+        del model
+        free_memory()                  # one evaluated model on the GPU at a time
+    for name in results:
+        if rm is not None:
+            results[name]["win_rate_vs_sft"] = win_rate([r["rm_score"] for r in rows[name]],
+                                                             [r["rm_score"] for r in rows["SFT"]])
+    not_measured = {}
+    judged = sum(r["greedy_ok"] is not None for r in rows["SFT"])
+    if judged < len(evalset):
+        not_measured["exec_acc"] = no_gold_note(judged, len(evalset))
+    if rm is None:
+        not_measured["rm_score"] = ("no reward model in critic/ (run 2_critic.ipynb or `python "
+                                    "util.py rm`), so no RM score and no win rate")
+    report = {"preset": cfg.preset, "n_eval_prompts": len(evalset), "temperature": cfg.temperature,
+              "models": results,
+              "per_family": {n: per_family_accuracy(r) for n, r in rows.items()},
+              "data": {"eval": data_source(cfg, "eval"), "leaked_eval_prompts": leakage},
+              "not_measured": not_measured}
+    write_json(report, cfg.path("report.json"))
+    return report, rows
+
+
+def print_report(report: dict) -> None:
+    """The report's table of models and metrics, then what it left out and why."""
+    import pandas as pd
+    table = pd.DataFrame(report["models"]).T
+    hidden = ["n_prompts", "temperature"]
+    if "exec_acc" in report["not_measured"]:    # the note below says it: no column of zeros
+        hidden.append("n_with_setup_sql")
+    table = table.drop(columns=hidden, errors="ignore")
+    print(f"{report['n_eval_prompts']} evaluation prompts ({report['data']['eval']}), "
+          f"T={report['temperature']}")
+    print(table.round(3).to_string())
+    for metric, why in report["not_measured"].items():
+        print(f"not shown, {metric}: {why}")
+
+
+# ============================================================================ one stage
+# what `python util.py sft|rm|ppo|dpo|grpo` runs: a stage trained from the models before it,
+# saved, and logged in logs/
+
+
+# the folder under out_dir each stage writes
+STAGES = {"sft": "actor", "rm": "critic", "ppo": "rlhf", "dpo": "dpo", "grpo": "grpo"}
+# the kind of data (DATA_SOURCES) each stage trains on
+STAGE_DATA = {"sft": "sft", "rm": "pref", "ppo": "prompt", "dpo": "pref", "grpo": "prompt"}
+
+
+def train_stage(stage: str, cfg: Config, device, train, evalset) -> tuple:
+    """(model, tokenizer, history) of one stage trained from the models before it; PPO saves its own
+    checkpoints and returns (None, None, history)."""
+    if stage == "ppo":
+        return None, None, train_ppo(cfg, device, train)
+    if stage == "sft":
+        if not (cfg.path("base_actor") / "config.json").exists() and accelerator().is_main_process:
+            prepare_base_models(cfg)
+        accelerator().wait_for_everyone()
+        tok = load_tokenizer(cfg.path("base_actor"))
+        model = load_causal_lm(cfg.path("base_actor"), "0_download.ipynb", device, cfg)
+        return model, tok, train_sft(model, tok, train, evalset, cfg, device)
+    tok = load_tokenizer(_require(cfg.path("actor"), "1_actor.ipynb"))
+    if stage == "rm":
+        model = load_score_model(cfg.path("base_critic") if cfg.critic_hub else cfg.path("actor"),
+                                 "1_actor.ipynb", device, cfg)
+        history = train_reward(model, tok, train, evalset, cfg, device)
+        prompts = validation_prompts(cfg)
+        sft = load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
+        answers = sample_answers(sft, tok, prompts, cfg)
+        history[-1].update(set_reward_scale(model, tok, prompts, answers, cfg, device))
+        if cfg.rm_ensemble > 1:             # critic_2/ ... critic_N/
+            history[-1]["ensemble"] = train_more_reward_models(cfg, tok, train, evalset, prompts,
+                                                               answers, device)
+        return model, tok, history
+    if stage == "dpo":
+        model = add_lora(load_causal_lm(cfg.path("actor"), device=device, cfg=cfg), cfg)
+        ref = (None if cfg.lora_r else
+               load_causal_lm(cfg.path("actor"), device=device, cfg=cfg).requires_grad_(False))
+        # its curves on the validation split: eval.json is the test set, never a training signal
+        val = load_data(cfg, "pref", split="val")
+        return model, tok, train_dpo(model, ref, tok, train, val, cfg, device)
+    model, history = train_grpo(cfg, device, train)
+    return model, tok, history
+
+
+def run_stage(stage: str, cfg: Config) -> dict:
+    """One stage without its notebook: train, save, leave its record in logs/; its last metrics."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: choose one of {sorted(STAGES)}")
+    check_config(cfg, PRESETS)              # again: a field may have been set after it was made
+    device = accelerator().device
+    set_seed(cfg.seed)
+    kind = STAGE_DATA[stage]
+    train = load_data(cfg, kind)
+    evalset = load_data(cfg, "eval")
+    data = {kind: train.info, "eval": evalset.info,
+            "leaked_eval_prompts": report_leakage(train, evalset, DATA_SOURCES[kind][3])}
+    t0 = time.time()
+    model, tok, history = train_stage(stage, cfg, device, train, evalset)
+    seconds = time.time() - t0
+    if accelerator().is_main_process:       # every process holds the same weights: one writes them
+        if stage != "ppo":                  # PPO wrote its checkpoint (and metrics.json) as it went
+            save_model(unwrap(model), tok, cfg.path(STAGES[stage]),
+                       {"preset": cfg.preset, "seconds": seconds, "history": history})
+        # the exact settings of this run, beside its outputs
+        write_json(dataclasses.asdict(cfg), cfg.path(STAGES[stage], "run_config.json"))
+        write_run_record(cfg, stage, history, {**data, "seconds": seconds})
+    accelerator().wait_for_everyone()
+    return {"seconds": seconds, **{k: v for k, v in history[-1].items() if k != "sample"}}
+
+
+# ============================================================================ command line
 
 
 def main(argv=None) -> int:
-    """The command line, cli.main: `python util.py sft|rm|ppo|dpo|grpo|report ...` (cli.py)."""
-    import cli                              # cli imports util: imported here, when it runs
-    return cli.main(argv)
+    """`python util.py make-dataset | make-tokenizer | stats`, a stage without its notebook or the
+    report: `python util.py sft|rm|ppo|dpo|grpo|report [--config file.json] [--preset NAME]`."""
+    try:
+        return run(argv)
+    # a user's mistake (a missing file or model, a bad config field or data row) is one clear
+    # line and exit status 2, not a traceback; RLHF_DEBUG=1 shows the traceback
+    except (FileNotFoundError, DataError, ConfigError, ValueError) as e:
+        if os.environ.get("RLHF_DEBUG"):
+            raise
+        print(f"tiny-rlhf: error: {e}\n(RLHF_DEBUG=1 shows where it was raised)", file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
+    """main() without its handling of a user's mistakes."""
+    ap = argparse.ArgumentParser(prog="python util.py", description=main.__doc__)
+    ap.add_argument("command",
+                    choices=["make-dataset", "make-tokenizer", "stats", *STAGES, "report"])
+    ap.add_argument("--config", help="JSON file of Config fields (see util.Config), e.g. "
+                    "{\"preset\": \"smoke\", \"lora_r\": 8}")
+    ap.add_argument("--preset", help="preset to start from (overrides the file's); default "
+                    "RLHF_PRESET or auto")
+    args = ap.parse_args(argv)
+    if args.command in STAGES:
+        cfg = load_config(args.config, args.preset)
+        summary = run_stage(args.command, cfg)
+        if accelerator().is_main_process:
+            rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
+            resolved = cfg.path(STAGES[args.command], "run_config.json")
+            print(json.dumps(_json_safe({"stage": args.command, "config": str(resolved),
+                                              "processes": accelerator().num_processes,
+                                              "logs": str(cfg.path("logs")), **rounded})))
+    elif args.command == "report":
+        cfg = load_config(args.config, args.preset)
+        report, _ = build_report(cfg, accelerator().device)
+        print_report(report)
+        print(f"wrote {cfg.path('report.json')}")
+    elif args.command == "make-dataset":
+        print(write_dataset())
+    elif args.command == "make-tokenizer":
+        tok = train_tokenizer(load_rows(ROOT / "dataset" / "train.json"))
+        print(f"tokenizer with {len(tok)} tokens written to {ROOT / 'tokenizer'}")
+    else:
+        for split in ("train", "eval"):
+            rows = load_rows(ROOT / "dataset" / f"{split}.json")
+            print(split, json.dumps(dataset_stats(rows)))
+    return 0
 
 
 if __name__ == "__main__":

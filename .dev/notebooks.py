@@ -39,7 +39,7 @@ if "google.colab" in sys.modules:
     on_drive = os.path.realpath(project).startswith(os.path.realpath(drive) + os.sep)
     print(f"tiny-rlhf: {project};", "outputs (model/) persist on Google Drive" if on_drive else
           "not on Google Drive: the next notebook will NOT see model/ (lost when the runtime ends)")
-    import runtime; runtime.colab_setup()    # installs only what Colab lacks (today: nothing)
+    from rlhf import runtime; runtime.colab_setup()  # installs only what Colab lacks (today: none)
 '''.strip()
 
 PARAMS = '''# papermill parameters: None = RLHF_PRESET if set, else "opt" with a GPU and a reachable hub, else "tiny"

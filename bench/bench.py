@@ -868,9 +868,9 @@ def run_worker(task: str, side: str, seed: int, spec_name: str, logs: Path, tag:
 
 
 def start_fingerprint(spec: dict) -> str:
-    """Starting points are reused only if util.py, the data and the tokenizer are unchanged."""
+    """Starting points are reused only if util.py, rlhf/, the data and the tokenizer are unchanged."""
     h = hashlib.sha256(json.dumps({k: spec[k] for k in ("preset", "rounds", "n_eval")}, sort_keys=True).encode())
-    for p in [ROOT / "util.py", ROOT / "dataset" / "train.json", ROOT / "dataset" / "eval.json",
+    for p in [ROOT / "util.py", *sorted((ROOT / "rlhf").glob("*.py")), ROOT / "dataset" / "train.json", ROOT / "dataset" / "eval.json",
               ROOT / "tokenizer" / "tokenizer.json"]:
         h.update(p.read_bytes())
     return h.hexdigest()[:16]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import util
-from evaluation import evaluate_batch
+from util import evaluate_batch
 
 
 # ---------------------------------------------------------------- DPO

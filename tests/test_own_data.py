@@ -10,8 +10,7 @@ import math
 
 import pytest
 
-import cli
-import data_files
+from rlhf import data_files
 import util
 from conftest import ROOT
 
@@ -107,7 +106,7 @@ def test_evaluation_and_report_without_gold_show_what_needs_none(run, monkeypatc
     assert "exec_acc_greedy" not in summary and summary["n_with_setup_sql"] == 0
     assert {"rm_score", "kl_to_sft", "length", "eos_rate"} <= set(summary)
     assert math.isfinite(summary["rm_score"]) and all(r["greedy_ok"] is None for r in rows)
-    monkeypatch.setattr(cli, "REPORT_MODELS", {"SFT": "actor", "DPO": "dpo"})    # two are enough
+    monkeypatch.setattr(util, "REPORT_MODELS", {"SFT": "actor", "DPO": "dpo"})    # two are enough
     conf = cfg.path("my.json")
     conf.write_text(json.dumps(dataclasses.asdict(cfg)))
     _, text = _printed(util.main, ["report", "--config", str(conf)])

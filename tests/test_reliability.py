@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import model_files
-import saving
+from rlhf import model_files
+from rlhf import saving
 import util
 from conftest import ROOT
 
@@ -456,7 +456,8 @@ def test_cuda_out_of_memory_names_the_batch_size_to_try(stage, rows, tok, monkey
 
 def test_nothing_is_ever_unpickled(stage, rows, tok, monkeypatch, tmp_path):
     import pickle
-    source = "".join(p.read_text() for p in Path(util.__file__).parent.glob("*.py"))   # util and its plumbing
+    root = Path(util.__file__).parent                                    # util and its plumbing
+    source = "".join(p.read_text() for p in [*root.glob("*.py"), *root.glob("rlhf/*.py")])
     assert "torch.load" not in source and "import pickle" not in source
     util.train_ppo(stage, "cpu", rows=rows, stop_after=1)
     suffixes = {p.suffix for p in Path(stage.out_dir).rglob("*") if p.is_file()}
@@ -526,7 +527,7 @@ def test_colab_setup_cell_installs_before_torch_and_holds_colabs_packages(tmp_pa
         "for m in (google, google.colab):\n"
         "    m.__spec__ = importlib.machinery.ModuleSpec(m.__name__, None)\n"
         "sys.modules.update({'google': google, 'google.colab': google.colab})   # what Colab's runtime has\n"
-        "import runtime   # as if Colab lacked transformers (the cell has it today: no install)\n"
+        "from rlhf import runtime   # as if Colab lacked transformers (the cell has it today: no install)\n"
         "runtime.colab_plan = lambda *a: (['transformers>=5.15'], [])\n"
         "calls = []\n"
         "subprocess.check_call = lambda cmd: calls.append({'cmd': cmd, 'loaded': sorted(\n"

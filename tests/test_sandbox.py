@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import sql_data
+from rlhf import sql_data
 from conftest import ROOT
 
 SETUP = ("CREATE TABLE t (name VARCHAR, age INTEGER); INSERT INTO t VALUES ('a', 3); "
@@ -72,7 +72,7 @@ CHILD = r"""
 import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 sys.path.insert(0, sys.argv[1])
-import sql_data
+from rlhf import sql_data
 setup, query = json.loads(sys.stdin.read())
 r0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
 res = sql_data.execute_sql(setup, query)

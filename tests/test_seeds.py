@@ -103,3 +103,24 @@ def test_dpo_targets_are_checked_on_every_seed(tmp_path):
     assert "seed 0: DPO no family more than 0.05 below SFT sampled (largest fall: count +0.000): ok" in lines
     assert per_seed[0]["DPO"]["family_sampled"] == {"count": 1.0, "and": 0.9}
     assert set(seeds.check_dpo_targets(per_seed)) <= set(seeds.check_targets(per_seed))
+
+
+@pytest.mark.slow
+def test_make_seeds_runs_the_pipeline_for_a_seed_and_writes_its_table(tmp_path):
+    """`make seeds`'s command itself, on the smoke preset for one seed: every notebook, the JSON,
+    the table and the targets (the README left alone)."""
+    import subprocess
+    import sys
+    out, js = tmp_path / "seeds", tmp_path / "seeds.json"
+    p = subprocess.run([sys.executable, "seeds.py", "--preset", "smoke", "--seeds", "7",
+                        "--out", str(out), "--json", str(js), "--no-readme"],
+                       cwd=seeds.ROOT, capture_output=True, text=True, timeout=900,
+                       env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    per_seed = json.loads(js.read_text())
+    assert set(per_seed["7"]) == {"SFT", "RLHF (PPO)", "DPO", "GRPO", "RM"}
+    assert per_seed["7"]["RLHF (PPO)"]["kl_target"] == 0.8
+    assert all((out / "7" / "notebooks" / f"{nb}.ipynb").is_file() for nb in seeds.NOTEBOOKS)
+    md = js.with_suffix(".md").read_text()
+    assert md.startswith("1 seeds (7), `smoke` preset, 16 held-out prompts"), md[:300]
+    assert "seed 7: PPO sampled >= 0.85:" in md and "Wall time per seed: seed 7:" in md

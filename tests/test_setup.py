@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-import runtime
+from rlhf import runtime
 import util
 from conftest import ROOT
 

@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from config_checks import ConfigError
-from runtime import hub_reachable
+from .checks import ConfigError, DataError
+from .runtime import hub_reachable
 
 if TYPE_CHECKING:
-    from util import Config
+    from .config import Config
 
 FIELD_ALIASES = {"prompt": ["prompt", "question", "query"],
                  "chosen": ["chosen", "response_chosen", "answer"],
@@ -29,10 +29,6 @@ ASSISTANT_ROLES = ("assistant", "gpt")
 # where an assistant turn begins in text that holds a whole chat (Anthropic HH: "\n\nAssistant:")
 TURN_MARKERS = ("Assistant:", "<|assistant|>", "### Response:")
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
-
-
-class DataError(ValueError):
-    """A bad row in a data file; the message names file, line and field."""
 
 
 class Rows(list):

@@ -11,19 +11,21 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime import quiet_hf
+from .runtime import quiet_hf
 
 if TYPE_CHECKING:
-    from util import Config
+    from .config import Config
 
 
 def save_model(model, tok, path, metrics: dict | None = None) -> Path:
-    """save_pretrained (safetensors) + tokenizer + metrics.json into a temp dir, then swap it in atomically."""
+    """save_pretrained (safetensors) + tokenizer + metrics.json into a temp dir, then swap it in
+    atomically."""
     quiet_hf()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if hasattr(model, "merge_and_unload"):      # LoRA: save merged weights, so a plain from_pretrained loads them
+    # LoRA: save merged weights, so a plain from_pretrained loads them
+    if hasattr(model, "merge_and_unload"):
         import copy
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
@@ -36,9 +38,11 @@ def save_model(model, tok, path, metrics: dict | None = None) -> Path:
 
 
 def _swap_dir(tmp: Path, path: Path) -> None:
-    """Replace directory `path` by `tmp`; at every instant either the old or the new one is complete."""
+    """Replace directory `path` by `tmp`; at every instant either the old or the new one is
+    complete."""
     old = path.with_name(path.name + ".old")
-    recover_dir(path)                         # else the rmtree below could delete the only complete copy
+    # else the rmtree below could delete the only complete copy
+    recover_dir(path)
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from data_files import DataError
+from .checks import DataError
 
 if TYPE_CHECKING:
-    from util import Config
+    from .config import Config
 
 
 def encode_batch(tok, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:

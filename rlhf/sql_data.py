@@ -19,17 +19,21 @@ try:
 except ImportError:                          # Windows: no memory guard, the other limits still hold
     resource = None
 
-from saving import write_jsonl
+from .runtime import ROOT
+from .saving import write_jsonl
 
-ROOT = Path(__file__).resolve().parent
 
-TABLES = ["employee", "player", "city", "book", "ship", "school", "movie", "song", "team", "store", "car", "hotel",
-          "airport", "student", "museum", "restaurant", "river", "mountain", "company", "club", "singer", "film",
-          "station", "bridge", "farm", "park", "race", "journal", "gym", "bakery", "festival", "library"]
+TABLES = ["employee", "player", "city", "book", "ship", "school", "movie", "song", "team", "store",
+          "car", "hotel", "airport", "student", "museum", "restaurant", "river", "mountain",
+          "company", "club", "singer", "film", "station", "bridge", "farm", "park", "race",
+          "journal", "gym", "bakery", "festival", "library"]
 TEXT_COLUMNS = {
-    "name": ["Alice", "Bruno", "Chen", "Dana", "Emil", "Farah", "Goran", "Hana", "Ivo", "Juno", "Kira", "Luis"],
-    "city": ["Paris", "Lima", "Oslo", "Cairo", "Delhi", "Quito", "Rome", "Tokyo", "Accra", "Perth", "Dublin"],
-    "country": ["France", "Peru", "Norway", "Egypt", "India", "Chile", "Italy", "Japan", "Ghana", "Kenya"],
+    "name": ["Alice", "Bruno", "Chen", "Dana", "Emil", "Farah", "Goran", "Hana", "Ivo", "Juno",
+             "Kira", "Luis"],
+    "city": ["Paris", "Lima", "Oslo", "Cairo", "Delhi", "Quito", "Rome", "Tokyo", "Accra", "Perth",
+             "Dublin"],
+    "country": ["France", "Peru", "Norway", "Egypt", "India", "Chile", "Italy", "Japan", "Ghana",
+                "Kenya"],
     "team": ["Lions", "Eagles", "Sharks", "Wolves", "Bears", "Hawks", "Tigers", "Owls", "Foxes"],
     "color": ["red", "blue", "green", "black", "white", "yellow", "orange", "purple", "grey"],
     "genre": ["drama", "comedy", "jazz", "rock", "horror", "poetry", "fantasy", "history", "folk"],
@@ -40,10 +44,12 @@ TEXT_COLUMNS = {
     "language": ["English", "Spanish", "French", "Hindi", "Arabic", "Swahili", "Korean"],
     "position": ["forward", "guard", "center", "keeper", "striker", "winger"],
 }
-NUMBER_COLUMNS = {                            # at most two digits: small models copy short numbers reliably
-    "age": (18, 90), "salary": (10, 99), "height": (50, 99), "weight": (40, 99), "population": (10, 99),
+NUMBER_COLUMNS = {                  # at most two digits: small models copy short numbers reliably
+    "age": (18, 90), "salary": (10, 99), "height": (50, 99), "weight": (40, 99),
+    "population": (10, 99),
     "score": (1, 99), "price": (5, 99), "rank": (1, 60), "points": (0, 99),
-    "capacity": (20, 99), "length": (10, 70), "rating": (1, 10), "budget": (10, 99), "floors": (1, 80),
+    "capacity": (20, 99), "length": (10, 70), "rating": (1, 10), "budget": (10, 99),
+    "floors": (1, 80),
     "members": (3, 99), "wins": (0, 40), "goals": (0, 50), "pages": (40, 99), "seats": (2, 50),
 }
 AGGREGATES = {"MAX": "highest", "MIN": "lowest", "AVG": "average", "SUM": "total"}
@@ -67,14 +73,16 @@ def _sql_value(v) -> str:
 
 
 def _make_table(rng: random.Random) -> dict:
-    """A random table: name, 2 text and 2 number columns, 7 rows with a repeated text value and distinct numbers."""
+    """A random table: name, 2 text and 2 number columns, 7 rows with a repeated text value and
+    distinct numbers."""
     name = rng.choice(TABLES)
     texts = rng.sample(sorted(TEXT_COLUMNS), 2)
     nums = rng.sample(sorted(NUMBER_COLUMNS), 2)
     columns = [texts[0], nums[0], texts[1], nums[1]]
     n_rows = 7
     data = {c: [rng.choice(TEXT_COLUMNS[c]) for _ in range(n_rows)] for c in texts}
-    for c in texts:                          # a repeated value, so DISTINCT and COUNT(*) questions bite
+    # a repeated value, so DISTINCT and COUNT(*) questions bite
+    for c in texts:
         data[c][rng.randrange(1, n_rows)] = data[c][0]
     for c in nums:                           # distinct numbers, so highest/lowest have one answer
         lo, hi = NUMBER_COLUMNS[c]
@@ -89,14 +97,17 @@ def _create_sql(t: dict) -> str:
 
 
 def _setup_sql(t: dict) -> str:
-    inserts = " ".join(f"INSERT INTO {t['name']} VALUES ({', '.join(_sql_value(v) for v in r)});" for r in t["rows"])
+    inserts = " ".join(f"INSERT INTO {t['name']} VALUES ({', '.join(_sql_value(v) for v in r)});"
+                       for r in t["rows"])
     return _create_sql(t) + "; " + inserts
 
 
 def _question(rng: random.Random, t: dict, family: str) -> tuple[str, str, str, str, list[str]]:
-    """(question, gold SQL, habit SQL or '', contrast SQL or '', wrong SQLs) for one family on table t.
-    A contrast is a mistake that *adds* what fixes a habit where the question does not ask for it (an extra AND,
-    a DISTINCT, a non-strict comparison), so a reward model cannot learn "AND/DISTINCT/>= is good" as a shortcut."""
+    """(question, gold SQL, habit SQL or '', contrast SQL or '', wrong SQLs) for one family on
+    table t.
+    A contrast is a mistake that *adds* what fixes a habit where the question does not ask for it
+    (an extra AND, a DISTINCT, a non-strict comparison), so a reward model cannot learn
+    "AND/DISTINCT/>= is good" as a shortcut."""
     T, rows, cols = t["name"], t["rows"], t["columns"]
     Ts = plural(T)
     b, c = t["texts"]
@@ -113,69 +124,89 @@ def _question(rng: random.Random, t: dict, family: str) -> tuple[str, str, str, 
         b, v, other_v = n, k, rng.choice([x for x in range(*NUMBER_COLUMNS[n]) if x != k])
         a = rng.choice([x for x in cols if x != b])
         wrong_a = rng.choice([x for x in cols if x not in (a, b)])
-    sv, so = _sql_value(v), _sql_value(other_v)           # the filter value as an SQL literal (quoted if text)
+    # the filter value as an SQL literal (quoted if text)
+    sv, so = _sql_value(v), _sql_value(other_v)
     if family == "lookup":
-        q = rng.choice([f"What is the {a} of the {T} whose {b} is {v}?", f"What {a} does the {T} with {b} {v} have?"])
+        q = rng.choice([f"What is the {a} of the {T} whose {b} is {v}?",
+                        f"What {a} does the {T} with {b} {v} have?"])
         gold = f"SELECT {a} FROM {T} WHERE {b} = {sv}"
         contrast = f"SELECT {a} FROM {T} WHERE {b} = {sv} AND {c} = '{w2}'"
-        wrong = [contrast, f"SELECT {wrong_a} FROM {T} WHERE {b} = {sv}", f"SELECT {a} FROM {T} WHERE {b} = {so}",
-                 f"SELECT {a} FROM {T}", f"SELECT {a} FROM {T} WHERE {b} = {v}", f"SELECT {a} {T} WHERE {b} = {sv}"]
+        wrong = [contrast, f"SELECT {wrong_a} FROM {T} WHERE {b} = {sv}",
+                 f"SELECT {a} FROM {T} WHERE {b} = {so}",
+                 f"SELECT {a} FROM {T}", f"SELECT {a} FROM {T} WHERE {b} = {v}",
+                 f"SELECT {a} {T} WHERE {b} = {sv}"]
     elif family == "count":
         q = rng.choice([f"How many {Ts} have {b} {v}?", f"Count the {Ts} whose {b} is {v}."])
         gold = f"SELECT COUNT(*) FROM {T} WHERE {b} = {sv}"
         contrast = rng.choice([f"SELECT COUNT(DISTINCT {b}) FROM {T} WHERE {b} = {sv}",
                                f"SELECT COUNT(*) FROM {T} WHERE {b} = {sv} AND {c} = '{w2}'"])
-        wrong = [contrast, f"SELECT COUNT(*) FROM {T}", f"SELECT COUNT(*) FROM {T} WHERE {b} = {so}",
-                 f"SELECT COUNT(*) FROM {T} WHERE {b} != {sv}", f"SELECT {b} FROM {T} WHERE {b} = {sv}",
+        wrong = [contrast, f"SELECT COUNT(*) FROM {T}",
+                 f"SELECT COUNT(*) FROM {T} WHERE {b} = {so}",
+                 f"SELECT COUNT(*) FROM {T} WHERE {b} != {sv}",
+                 f"SELECT {b} FROM {T} WHERE {b} = {sv}",
                  f"SELECT COUNT(*) FROM WHERE {b} = {sv}"]
     elif family == "aggregate":
         agg = rng.choice(sorted(AGGREGATES))
-        q = rng.choice([f"What is the {AGGREGATES[agg]} {n} of all {Ts}?", f"Find the {AGGREGATES[agg]} {n} among {Ts}."])
+        q = rng.choice([f"What is the {AGGREGATES[agg]} {n} of all {Ts}?",
+                        f"Find the {AGGREGATES[agg]} {n} among {Ts}."])
         gold = f"SELECT {agg}({n}) FROM {T}"
         wrong = [f"SELECT {a2}({n}) FROM {T}" for a2 in sorted(AGGREGATES) if a2 != agg] + \
-                [f"SELECT {agg}({m}) FROM {T}", f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{v}'", f"SELECT {agg}({n} FROM {T}"]
+                [f"SELECT {agg}({m}) FROM {T}", f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{v}'",
+                 f"SELECT {agg}({n} FROM {T}"]
     elif family == "compare":
-        k = sorted(r[idx[n]] for r in rows)[rng.randrange(2, 5)]   # a value in the table, with rows on both sides
-        op, word = rng.choice([(">", "more than"), ("<", "less than"), (">=", "at least"), ("<=", "at most")])
-        q = rng.choice([f"List the {a} of {Ts} with {n} {word} {k}.", f"Which {a} belongs to {Ts} whose {n} is {word} {k}?"])
+        # a value in the table, with rows on both sides
+        k = sorted(r[idx[n]] for r in rows)[rng.randrange(2, 5)]
+        op, word = rng.choice([(">", "more than"), ("<", "less than"), (">=", "at least"),
+                               ("<=", "at most")])
+        q = rng.choice([f"List the {a} of {Ts} with {n} {word} {k}.",
+                        f"Which {a} belongs to {Ts} whose {n} is {word} {k}?"])
         gold = f"SELECT {a} FROM {T} WHERE {n} {op} {k}"
         if len(op) == 1:                    # the habit: 'more than 30' written as >= 30
             habit = f"SELECT {a} FROM {T} WHERE {n} {op}= {k}"
         else:                               # 'at least 30' really is >= 30; the strict one is wrong
             contrast = f"SELECT {a} FROM {T} WHERE {n} {op[0]} {k}"
         flip = {">": "<", "<": ">", ">=": "<=", "<=": ">="}[op]
-        wrong = [habit or contrast, f"SELECT {a} FROM {T} WHERE {n} {flip} {k}", f"SELECT {wrong_a} FROM {T} WHERE {n} {op} {k}",
-                 f"SELECT {a} FROM {T} WHERE {m} {op} {k}", f"SELECT {a} FROM {T} WHERE {n} = {k}", f"SELECT {a} FROM {T} {n} {op} {k}"]
+        wrong = [habit or contrast, f"SELECT {a} FROM {T} WHERE {n} {flip} {k}",
+                 f"SELECT {wrong_a} FROM {T} WHERE {n} {op} {k}",
+                 f"SELECT {a} FROM {T} WHERE {m} {op} {k}", f"SELECT {a} FROM {T} WHERE {n} = {k}",
+                 f"SELECT {a} FROM {T} {n} {op} {k}"]
     elif family == "and":
         q = rng.choice([f"What is the {n} of the {T} whose {b} is {v} and {c} is {w}?",
                         f"Give the {n} of {Ts} with {b} {v} and {c} {w}."])
         gold = f"SELECT {n} FROM {T} WHERE {b} = '{v}' AND {c} = '{w}'"
         habit = f"SELECT {n} FROM {T} WHERE {b} = '{v}'"
-        wrong = [habit, f"SELECT {n} FROM {T} WHERE {b} = '{v}' OR {c} = '{w}'", f"SELECT {n} FROM {T} WHERE {c} = '{w}'",
-                 f"SELECT {m} FROM {T} WHERE {b} = '{v}' AND {c} = '{w}'", f"SELECT {n} FROM {T} WHERE {b} = '{v}' AND {c} = '{w}"]
+        wrong = [habit, f"SELECT {n} FROM {T} WHERE {b} = '{v}' OR {c} = '{w}'",
+                 f"SELECT {n} FROM {T} WHERE {c} = '{w}'",
+                 f"SELECT {m} FROM {T} WHERE {b} = '{v}' AND {c} = '{w}'",
+                 f"SELECT {n} FROM {T} WHERE {b} = '{v}' AND {c} = '{w}"]
     elif family == "order":
         desc = rng.random() < 0.5
         word = "highest" if desc else "lowest"
-        q = rng.choice([f"Which {b} has the {word} {n}?", f"Name the {b} of the {T} with the {word} {n}."])
+        q = rng.choice([f"Which {b} has the {word} {n}?",
+                        f"Name the {b} of the {T} with the {word} {n}."])
         gold = f"SELECT {b} FROM {T} ORDER BY {n} {'DESC' if desc else 'ASC'} LIMIT 1"
         wrong = [f"SELECT {b} FROM {T} ORDER BY {n} {'ASC' if desc else 'DESC'} LIMIT 1",
                  f"SELECT {b} FROM {T} ORDER BY {m} {'DESC' if desc else 'ASC'} LIMIT 1",
                  f"SELECT {c} FROM {T} ORDER BY {n} {'DESC' if desc else 'ASC'} LIMIT 1",
                  f"SELECT {b} FROM {T} ORDER {n} {'DESC' if desc else 'ASC'} LIMIT 1"]
     elif family == "distinct":
-        q = rng.choice([f"How many different {b} values do the {Ts} have?", f"Count the distinct {b} of all {Ts}."])
+        q = rng.choice([f"How many different {b} values do the {Ts} have?",
+                        f"Count the distinct {b} of all {Ts}."])
         gold = f"SELECT COUNT(DISTINCT {b}) FROM {T}"
         habit = f"SELECT COUNT({b}) FROM {T}"
-        wrong = [habit, f"SELECT COUNT(DISTINCT {c}) FROM {T}", f"SELECT DISTINCT {b} FROM {T}", f"SELECT COUNT(DISTINCT {b} FROM {T}"]
+        wrong = [habit, f"SELECT COUNT(DISTINCT {c}) FROM {T}", f"SELECT DISTINCT {b} FROM {T}",
+                 f"SELECT COUNT(DISTINCT {b} FROM {T}"]
     elif family == "agg_where":
         agg = rng.choice(sorted(AGGREGATES))
         q = rng.choice([f"What is the {AGGREGATES[agg]} {n} of {Ts} whose {b} is {v}?",
                         f"Find the {AGGREGATES[agg]} {n} for {Ts} with {b} {v}."])
         gold = f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{v}'"
         contrast = f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{v}' AND {c} = '{w2}'"
-        wrong = [contrast, f"SELECT {agg}({n}) FROM {T}", f"SELECT {agg}({m}) FROM {T} WHERE {b} = '{v}'",
+        wrong = [contrast, f"SELECT {agg}({n}) FROM {T}",
+                 f"SELECT {agg}({m}) FROM {T} WHERE {b} = '{v}'",
                  f"SELECT {agg}({n}) FROM {T} WHERE {b} = '{other_v}'"] + \
-                [f"SELECT {a2}({n}) FROM {T} WHERE {b} = '{v}'" for a2 in sorted(AGGREGATES) if a2 != agg]
+                [f"SELECT {a2}({n}) FROM {T} WHERE {b} = '{v}'"
+                 for a2 in sorted(AGGREGATES) if a2 != agg]
     else:
         raise ValueError(f"unknown family {family!r}")
     return q, gold, habit, contrast, wrong
@@ -187,7 +218,8 @@ def format_prompt(create_sql: str, question: str) -> str:
 
 
 def make_row(rng: random.Random, family: str) -> dict | None:
-    """One preference row of a family, or None when this random table cannot make every wrong SQL differ."""
+    """One preference row of a family, or None when this random table cannot make every wrong SQL
+    differ."""
     t = _make_table(rng)
     setup = _setup_sql(t)
     q, gold, habit, contrast, wrong = _question(rng, t, family)
@@ -196,18 +228,21 @@ def make_row(rng: random.Random, family: str) -> dict | None:
         return None                                   # empty answers make wrong queries look right
     wrong = [s for s in wrong if s and execute_sql(setup, s) != gold_result]
     if (habit and habit not in wrong) or (contrast and contrast not in wrong) or not wrong:
-        return None                                   # the habit / contrast must really change the result
+        return None                         # the habit / contrast must really change the result
     # rejected: the family's habit (or the contrast) half the time, else any other mistake
     special = habit or contrast
     rejected = special if special and rng.random() < 0.5 else rng.choice(wrong)
     response = habit if habit and rng.random() < HABIT_RATE else gold
-    return {"prompt": format_prompt(_create_sql(t), q), "chosen": " " + gold, "rejected": " " + rejected,
-            "response": " " + response, "family": family, "setup_sql": setup,
+    return {"prompt": format_prompt(_create_sql(t), q), "chosen": " " + gold,
+            "rejected": " " + rejected, "response": " " + response, "family": family,
+            "setup_sql": setup,
             "more_rejected": [" " + s for s in wrong if s != rejected]}
 
 
-def make_dataset(n_train: int = 6000, n_eval: int = 800, seed: int = 1234) -> tuple[list[dict], list[dict]]:
-    """Deterministic train and eval rows, families in equal shares; no eval prompt appears in train."""
+def make_dataset(n_train: int = 6000, n_eval: int = 800,
+                 seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """Deterministic train and eval rows, families in equal shares; no eval prompt appears in
+    train."""
     rng = random.Random(seed)
     train, eval_, seen = [], [], set()
     for rows, n in ((train, n_train), (eval_, n_eval)):
@@ -230,7 +265,7 @@ def write_dataset(data_dir=ROOT / "dataset") -> dict:
     write_jsonl(eval_, Path(data_dir, "eval.json"))
     return {"train": len(train), "eval": len(eval_)}
 
-# ---------------------------------------------------------------------------- execution accuracy (the gold metric)
+# ------------------------------------------------------------- execution accuracy (the gold metric)
 
 
 # Every execution of data- or model-written SQL goes through execute_sql: an in-memory database

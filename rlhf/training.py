@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from runtime import accelerator, resolve_precision, unwrap
+from .config import resolve_precision
+from .runtime import accelerator, unwrap
 
 if TYPE_CHECKING:
-    from util import Config
+    from .config import Config
 
 
 def batches(n: int, batch_size: int, epochs: float, seed: int):

@@ -1,6 +1,7 @@
-"""Config: every knob of the pipeline, the presets (smoke, tiny, opt) that fill it, and the
-ways to make one (get_config, load_config; RLHF_PRESET, RLHF_CONFIG, RLHF_OUT, RLHF_SEED). util
-re-exports these; util.Config is this Config."""
+"""Config: every knob of the pipeline, the presets (smoke, tiny, opt) that fill it, the ways to
+make one (get_config, load_config; RLHF_PRESET, RLHF_CONFIG, RLHF_OUT, RLHF_SEED), and
+Config.precision made concrete for a device (resolve_precision). util re-exports these;
+util.Config is this Config."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,18 +9,14 @@ import json
 import os
 from pathlib import Path
 
-from config_checks import ConfigError, check_config
-from data_files import DataError
-from runtime import hub_reachable
+from .checks import CONFIG_CHOICES, ConfigError, DataError, check_config
+from .runtime import ROOT, hub_reachable
 
-ROOT = Path(__file__).resolve().parent
 
 # ============================================================================ config / presets
 
 
 @dataclasses.dataclass
-
-
 class Config:
     """Every knob of the pipeline; a preset fills it, a notebook or env var may override fields."""
     preset: str = "tiny"
@@ -92,16 +89,15 @@ class Config:
     # rollouts and sampled evaluation use the same temperature
     temperature: float = 0.7
     # the KL penalty's start (and its value with no target), on the reward's fixed scale (SFT
-    # answers 0 +- 1). The old fixed 0.2 on raw scores was about 0.017 on this scale
+    # answers 0 +- 1): 0.05 nat of penalty costs as much as 0.05 std of reward
     kl_coef: float = 0.05
     kl_estimator: str = "k1"                    # "k1" (log-ratio) or "k3" (unbiased, always >= 0)
     # the adaptive KL controller (Ziegler et al. 2019) steers kl_coef so the rollouts' KL to SFT
-    # (nats per answer) nears kl_target; 0 = a fixed kl_coef. Chosen without eval.json: PPO at
-    # targets 0.5, 1 and 2 from one SFT and RM scored alike on the validation split (0.950-0.961
-    # sampled, docs/kl_sweep.json), and every run ended near 0.8 nat (0.79-1.0; 3 seeds at target
-    # 1: 0.62-0.83), the KL the policy reaches at this run length: so 0.8, a target it can hold
+    # (nats per answer) nears kl_target; 0 = a fixed kl_coef. 0.8: the KL this run length
+    # reaches, so a target the controller can hold; targets 0.5 to 2 score alike on the
+    # validation split (docs/kl_sweep.json), while the gold accuracy falls once the KL runs far
     kl_target: float = 0.8
-    # episodes over which the controller corrects an error: theirs was 10,000 for long runs; here
+    # episodes over which the controller corrects an error (Ziegler et al.: 10,000 for long runs):
     # a sixth of the 3,840-episode run, so kl_coef can move up to 2 % per iteration
     kl_horizon: int = 640
     gamma: float = 1.0
@@ -119,9 +115,9 @@ class Config:
     dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
     # "ipo" (Azar et al. 2023) or "sigmoid" (DPO). IPO pulls each pair's log-ratio gap to
-    # 1/(2 beta) instead of pushing it up forever: plain DPO drifted 7-8 nats from SFT and lost
-    # question families; IPO kept every family within 0.05 of SFT on the validation split over 3
-    # seeds, with the best worst seed of the recipes that did (.dev/dpo_sweep.py, docs/dpo_sweep.md)
+    # 1/(2 beta) instead of pushing it up forever, which here lets plain DPO drift 7-8 nats from
+    # SFT and lose question families; IPO keeps every family within 0.05 of SFT on the
+    # validation split over 3 seeds (.dev/dpo_sweep.py, docs/dpo_sweep.md)
     dpo_loss: str = "ipo"
     # > 0 adds the SFT loss on the chosen answers (RPO), which holds their probability up
     dpo_sft_weight: float = 0.0
@@ -242,3 +238,21 @@ def load_config(path_or_dict=None, preset: str | None = None) -> Config:
                          f"{sorted(known)}")
     return get_config(preset or fields.pop("preset", None),
                       **{k: v for k, v in fields.items() if k != "preset"})
+
+
+PRECISIONS = CONFIG_CHOICES["precision"]
+
+
+def resolve_precision(cfg: Config, device) -> str:
+    """Config.precision made concrete for a device: auto = bf16 on a GPU that has it (Ampere and
+    later), fp16 with loss scaling on an older CUDA GPU (a T4 has no bf16), fp32 on a CPU
+    (autocast would only slow it)."""
+    import torch
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"Config.precision={cfg.precision!r}: choose one of {PRECISIONS}")
+    if cfg.precision != "auto":
+        return cfg.precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return "fp32"

@@ -1,5 +1,6 @@
-"""Config checking: each field's type, range and name, and the limits fields set each other.
-util.Config.__post_init__ calls check_config, so every Config is checked when made."""
+"""The two errors a user's input raises (ConfigError: a Config field; DataError: a row of a data
+file), and the checks of a Config: each field's type, range and name, and the limits fields set
+each other. Config.__post_init__ calls check_config, so every Config is checked when made."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,10 @@ import math
 
 class ConfigError(ValueError):
     """A Config field of the wrong type, out of its range or not one of its names."""
+
+
+class DataError(ValueError):
+    """A bad row in a data file; the message names file, line and field."""
 
 
 # allowed ranges, (text, test); a field not listed takes any value of its type

@@ -1,5 +1,6 @@
-"""Where the code runs: the device, precision and processes (accelerate), seeds, Colab's set-up, the
-hub probe, progress bars, transformers' quiet mode. util re-exports these names."""
+"""Where the code runs: the device and processes (accelerate), seeds, Colab's set-up, the hub
+probe, progress bars, transformers' quiet mode. util re-exports these names. It imports neither
+torch nor numpy at the top: Colab's first cell runs colab_setup (pip) before they are loaded."""
 from __future__ import annotations
 
 import os
@@ -8,18 +9,13 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from config_checks import CONFIG_CHOICES
-
-if TYPE_CHECKING:
-    from util import Config
-
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project: util.py, dataset/, tokenizer/
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 4.0) -> bool:
-    """True if a TCP connection to the hub opens within `timeout` seconds (DNS included), never longer."""
+    """True if a TCP connection to the hub opens within `timeout` seconds (DNS included), never
+    longer."""
     result = []
 
     def probe():
@@ -39,10 +35,11 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-# Colab's runtime is theirs: the first cell installs only what it lacks or has outside our ranges, and
-# never these. torch: Colab's own CUDA build (pip's would be another). pandas, numpy, pyarrow,
-# matplotlib, huggingface_hub: Colab's tools pin them (google-colab pins pandas exactly) and its kernel
-# has imported some before the first cell runs, so a new version needs a restart and can break Colab.
+# Colab's runtime is theirs: the first cell installs only what it lacks or has outside our ranges,
+# and never these. torch: Colab's own CUDA build (pip's would be another). pandas, numpy, pyarrow,
+# matplotlib, huggingface_hub: Colab's tools pin them (google-colab pins pandas exactly) and its
+# kernel has imported some before the first cell runs, so a new version needs a restart and can
+# break Colab.
 COLAB_KEEP = ("torch", "pandas", "numpy", "pyarrow", "matplotlib", "huggingface_hub")
 # the tools of make run / make test (Colab runs its own Jupyter): not needed there, never installed
 COLAB_TOOLS = ("jupyter", "jupyter_server", "jupyter_client", "ipykernel", "ipython", "notebook",
@@ -53,9 +50,10 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def colab_plan(requirements=ROOT / "requirements.txt", installed=None) -> tuple[list[str], list[str]]:
-    """(what to pip-install, warnings): each requirement missing here or out of its range, except the
-    tools (skipped) and COLAB_KEEP (a warning, never installed)."""
+def colab_plan(requirements=ROOT / "requirements.txt",
+               installed=None) -> tuple[list[str], list[str]]:
+    """(what to pip-install, warnings): each requirement missing here or out of its range, except
+    the tools (skipped) and COLAB_KEEP (a warning, never installed)."""
     from importlib import metadata
     from packaging.requirements import Requirement
     if installed is None:
@@ -73,16 +71,16 @@ def colab_plan(requirements=ROOT / "requirements.txt", installed=None) -> tuple[
             continue
         if name in keep:
             found = f"{have} is outside" if have else "is missing, needs"
-            warn.append(f"{req.name} {found} {req.specifier}: Colab's own, left as it is (if a cell "
-                        "fails, see README, 'Colab')")
+            warn.append(f"{req.name} {found} {req.specifier}: Colab's own, left as it is "
+                        "(if a cell fails, see README, 'Colab')")
         else:
             need.append(str(req))
     return need, warn
 
 
 def colab_setup(requirements=ROOT / "requirements.txt", run=None) -> list[str]:
-    """In Colab, pip-install what colab_plan finds missing (today's Colab: nothing), with COLAB_KEEP held
-    at Colab's versions; print what was installed and how long it took. Elsewhere do nothing.
+    """In Colab, pip-install what colab_plan finds missing (today's Colab: nothing), with COLAB_KEEP
+    held at Colab's versions; print what was installed and how long it took. Elsewhere do nothing.
     Returns the pip command ([] when none). RLHF_COLAB_NO_INSTALL=1 prints and returns it without
     running it (tests/test_colab.py runs the notebooks' Colab cell offline that way)."""
     import time
@@ -121,7 +119,8 @@ def progress(iterable, **kwargs):
     """A progress bar: a notebook widget when interactive, plain text lines under `make run`
     (RLHF_TEXT_PROGRESS=1), so saved notebooks show the final state instead of an empty widget."""
     from accelerate import PartialState
-    if not PartialState().is_main_process:      # under `accelerate launch` one bar, not one per process
+    # under `accelerate launch` one bar, not one per process
+    if not PartialState().is_main_process:
         kwargs["disable"] = True
     if os.environ.get("RLHF_TEXT_PROGRESS"):
         from tqdm import tqdm as text_tqdm
@@ -131,7 +130,8 @@ def progress(iterable, **kwargs):
 
 
 def quiet_hf() -> None:
-    """Hide transformers' own per-load progress bars (loading and writing a tiny model needs none)."""
+    """Hide transformers' own per-load progress bars (loading and writing a tiny model needs
+    none)."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
 
@@ -154,23 +154,6 @@ def get_device():
     return device
 
 
-PRECISIONS = CONFIG_CHOICES["precision"]
-
-
-def resolve_precision(cfg: Config, device) -> str:
-    """Config.precision made concrete for a device: auto = bf16 on a GPU that has it (Ampere and later), fp16
-    with loss scaling on an older CUDA GPU (a T4 has no bf16), fp32 on a CPU (autocast would only slow it)."""
-    import torch
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"Config.precision={cfg.precision!r}: choose one of {PRECISIONS}")
-    if cfg.precision != "auto":
-        return cfg.precision
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-    return "fp32"
-
-
 _ACCELERATOR = []
 
 
@@ -179,7 +162,8 @@ def accelerator():
     `accelerate launch` or torchrun it wraps the model for data parallelism over processes (DDP)."""
     if not _ACCELERATOR:
         from accelerate import Accelerator
-        # precision is ours (Config.precision, see run_in_precision), not a launcher's: one autocast, one scaler
+        # precision is ours (Config.precision, see run_in_precision), not a launcher's: one
+        # autocast, one scaler
         _ACCELERATOR.append(Accelerator(mixed_precision="no"))
     return _ACCELERATOR[0]
 
@@ -190,15 +174,16 @@ def unwrap(model):
 
 
 def my_share(idx: list) -> list:
-    """This process's part of a batch: with N processes each takes every N-th example, so the global batch
-    (and the learning-rate schedule) stays what the config says."""
+    """This process's part of a batch: with N processes each takes every N-th example, so the
+    global batch (and the learning-rate schedule) stays what the config says."""
     acc = accelerator()
     return idx[acc.process_index::acc.num_processes]
 
 
 def free_memory() -> None:
-    """Give back what deleted models held: Python's garbage, accelerate's references, CUDA's cached blocks
-    (the next stage, or a notebook run after this one in the same runtime, gets the GPU memory back)."""
+    """Give back what deleted models held: Python's garbage, accelerate's references, CUDA's cached
+    blocks (the next stage, or a notebook run after this one in the same runtime, gets the GPU
+    memory back)."""
     import gc
     import torch
     accelerator().free_memory()
