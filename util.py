@@ -54,7 +54,7 @@ from rlhf.model_files import (_require, cache_kwarg, check_tokenizer_matches,
                               load_causal_lm, load_score_model, load_tokenizer, output_cache,
                               prepare_base_models, run_in_precision, tiny_opt_config,
                               train_tokenizer)
-from rlhf.plotting import plot_history, show_source
+from rlhf.plotting import expect, plot_history, show_source
 from rlhf.runtime import (accelerator, colab_setup, free_memory, get_device, hub_reachable,
                           my_share, progress, set_seed, unwrap)
 from rlhf.saving import (_json_safe, inputs_fingerprint, load_ppo_state, optimizer_from_tensors,
@@ -73,11 +73,11 @@ __all__ = ["Config", "ConfigError", "DataError", "PRESETS", "ROOT", "check_confi
            "FAMILIES", "HABITS", "HABIT_RATE", "Rows", "TrainingStopped", "_json_safe",
            "_sigterm_to_interrupt", "cache_kwarg", "checkpointing_enable", "colab_setup",
            "data_source", "dataset_stats", "disable_dropout", "encode_batch", "encode_prompt",
-           "encode_response", "execution_accuracy", "free_memory", "get_device", "in_validation",
-           "is_checkpointing", "leaked_prompts", "left_pad", "load_rows", "make_dataset",
-           "output_cache", "plot_history", "prepare_base_models", "report_leakage",
-           "resolve_precision", "rm_batch", "run_in_precision", "save_model", "sft_example",
-           "sft_examples", "show_source", "tiny_opt_config", "train_tokenizer",
+           "encode_response", "execution_accuracy", "expect", "free_memory", "get_device",
+           "in_validation", "is_checkpointing", "leaked_prompts", "left_pad", "load_rows",
+           "make_dataset", "output_cache", "plot_history", "prepare_base_models",
+           "report_leakage", "resolve_precision", "rm_batch", "run_in_precision", "save_model",
+           "sft_example", "sft_examples", "show_source", "tiny_opt_config", "train_tokenizer",
            "validation_prompts", "write_dataset", "write_json", "write_run_record"]
 
 
@@ -735,10 +735,9 @@ def ppo_advantages(ro: Rollout, cfg: Config, kl_coef: float) -> tuple:
     KL penalty on every answer token, the RM score on the EOS), GAE advantages whitened over the
     answer tokens, and the returns the critic learns."""
     kl = kl_per_token(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * ro.mask
-    scores = ro.scores
-    if cfg.whiten_rewards:              # unit spread batch to batch; the mean score is kept
-        scores = masked_whiten(scores, torch.ones_like(scores), shift_mean=False)
-    rewards = place_rewards(scores, kl, ro.mask, ro.end_index, kl_coef)
+    rewards = place_rewards(ro.scores, kl, ro.mask, ro.end_index, kl_coef)
+    if cfg.whiten_rewards:  # as TRL: the per-token rewards, KL penalty included, to unit spread
+        rewards = masked_whiten(rewards, ro.mask, shift_mean=False)     # over answer tokens
     advantages, returns = gae_advantages(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, ro.mask)          # over real answer tokens only
     return kl, rewards, advantages, returns
@@ -885,13 +884,18 @@ def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoi
     return loss.mean(), beta * (logp_c - ref_c).detach(), beta * (logp_r - ref_r).detach()
 
 
-def chosen_nll(logp_c, labels_c):
-    """RPO's SFT term: the chosen answers' negative log-likelihood per token, a mean over pairs."""
+def answer_tokens(labels):
+    """How many answer tokens (labels that are not -100) the rows of a batch hold, in all."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def chosen_nll(logp_c, labels_c, n_tokens: int | None = None):
+    """RPO's SFT term: the chosen answers' negative log-likelihood, a mean over their tokens: over
+    n_tokens, the whole batch's chosen tokens when this is one micro-batch of it."""
     # DPO alone may lower the chosen answer's probability too (only the gap to the rejected one
-    # counts, "likelihood displacement"); this term holds it up. Per token, as in SFT, so long
-    # answers do not outweigh short ones
-    n_tokens = (labels_c[:, 1:] != -100).sum(1).clamp(min=1)
-    return (-logp_c / n_tokens).mean()
+    # counts, "likelihood displacement"); this term holds it up. One token mean over the batch, as
+    # in SFT and the RPO paper: every token weighs the same, whatever its answer's length
+    return -logp_c.sum() / max(n_tokens or answer_tokens(labels_c), 1)
 
 
 def dpo_pair_stats(model, ref, tok, rows, cfg: Config, device, batch_size: int = 64) -> dict:
@@ -928,17 +932,20 @@ def dpo_step(model, wrapped, ref, tok, opt, scaler, rows: list[dict], cfg: Confi
     accuracy, margin, chosen reward, rejected reward]."""
     opt.zero_grad(set_to_none=True)
     loss_sum, pair_stats = 0.0, []
-    for part in micro_batches(rows, cfg):
-        ids, mask, labels = (t.to(device) for t in pair_batch(tok, part, cfg))
+    parts = [(part, pair_batch(tok, part, cfg)) for part in micro_batches(rows, cfg)]
+    # the batch's chosen answer tokens: the SFT term is one token mean over all of them
+    n_chosen = sum(answer_tokens(b[2][:len(part)]) for part, b in parts)
+    for part, batch in parts:
+        ids, mask, labels = (t.to(device) for t in batch)
         with reference_model(model, ref) as r:
             ref_lp = answer_logprobs(r, ids, mask, labels)
         lp = answer_logprobs(wrapped, ids, mask, labels)
         k = len(part)
         loss, rc, rr = dpo_loss(lp[:k], lp[k:], ref_lp[:k], ref_lp[k:], cfg.dpo_beta,
                                 cfg.dpo_loss)
-        if cfg.dpo_sft_weight > 0:              # RPO: DPO plus the SFT loss on the chosen answers
-            loss = loss + cfg.dpo_sft_weight * chosen_nll(lp[:k], labels[:k])
         loss = loss * (k / len(rows))           # the micro-batch's share of the batch's pairs
+        if cfg.dpo_sft_weight > 0:              # RPO: DPO plus the SFT loss on the chosen answers
+            loss = loss + cfg.dpo_sft_weight * chosen_nll(lp[:k], labels[:k], n_chosen)
         check_finite(loss, "DPO loss", step)
         backward(loss, scaler)
         loss_sum += float(loss.detach())
@@ -1033,6 +1040,9 @@ def exec_rewards(rows, texts) -> list[float]:
 def format_rewards(rows, texts, has_eos) -> list[float]:
     """Format reward: 1 for a single SELECT statement that sqlite runs without error and that ends
     with EOS."""
+    # this is GRPO's missing-EOS penalty: an answer cut at max_response_tokens loses the format
+    # reward (grpo_format_weight, 0.2 beside an execution reward of 0 or 1), where PPO subtracts
+    # missing_eos_penalty (1.0, one std of the RM's scores) from the score
     out = []
     for r, t, eos in zip(rows, texts, has_eos):
         ok = (bool(eos) and "setup_sql" in r and t.strip().upper().startswith("SELECT")

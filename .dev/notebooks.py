@@ -79,13 +79,19 @@ NOTEBOOKS["0_download"] = header("0 · Data, tokenizer and base models", """
 This series teaches RLHF by running it, end to end, on a task where we can *check* every answer:
 **text-to-SQL**. Each prompt gives a table definition and a question; the model must answer with SQL.
 
-| stage | notebook | what it learns |
-|---|---|---|
-| 0 | this one | the data, the tokenizer, the starting model |
-| 1 | `1_actor.ipynb` | supervised fine-tuning (SFT) on human-style demonstrations |
-| 2 | `2_critic.ipynb` | a reward model from preference pairs (chosen vs rejected) |
-| 3 | `3_rlhf.ipynb` | PPO against the reward model, with a KL leash to the SFT model |
-| 4 | `4_test.ipynb` | the before/after report |
+| stage | notebook | what it learns | writes |
+|---|---|---|---|
+| 0 | this one | the data, the tokenizer, the starting model | `model/base_actor/` |
+| 1 | `1_actor.ipynb` | supervised fine-tuning (SFT) on human-style demonstrations | `model/actor/` |
+| 2 | `2_critic.ipynb` | a reward model from preference pairs (chosen vs rejected) | `model/critic/` |
+| 3 | `3_rlhf.ipynb` | PPO against the reward model, with a KL leash to the SFT model | `model/rlhf/` |
+| 5 | `5_dpo.ipynb` | DPO (here IPO): the preference pairs without a reward model | `model/dpo/` |
+| 6 | `6_grpo.ipynb` | GRPO: groups of answers rewarded by execution, no critic | `model/grpo/` |
+| 4 | `4_test.ipynb` | the before/after report of every model above | `model/report.json` |
+
+Run them in the order of the table, **0 → 1 → 2 → 3 → 5 → 6 → 4**: the report comes last, so it finds
+every model. (`model/critic/` holds the reward model; PPO's critic, the value function of 3_rlhf, starts
+from it.)
 
 Why SQL? Because every generated query can be **executed** in sqlite against the row's tables and compared
 with the gold query's result. This *execution accuracy* is our gold metric: it does not depend on any learned
@@ -225,8 +231,9 @@ logp_label = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]   # -100: a
 logp_label = logp_label.masked_fill(~counts, float("nan"))
 print("batch:", tuple(ids.shape), "  answer tokens per row:", counts.sum(1).tolist())
 i = int(mask.sum(1).argmin())                        # the shortest row: it ends in pads
+shown = [round(v, 4) if c else "–" for v, c in zip(logp_label[i].tolist(), counts[i].tolist())]
 table = pd.DataFrame({"token": tok.convert_ids_to_tokens(ids[i, 1:].tolist()),
-                      "label": target[i].tolist(), "log p(label)": logp_label[i].tolist(),
+                      "label": target[i].tolist(), "log p(label)": shown,   # –: not in the loss
                       "in the loss": counts[i].tolist()},
                      index=pd.RangeIndex(1, ids.shape[1], name="position"))
 answer_starts, n = int(counts[i].nonzero()[0]) + 1, int(mask[i].sum())
@@ -257,7 +264,8 @@ Execution accuracy on held-out prompts, decoded two ways: **greedy** (always the
 **sampled** at the temperature PPO will use. Look at the per-family table: the families with a demonstrator
 habit are exactly where the SFT model fails, greedy most of all."""),
     code('''summary, rows = util.evaluate_policy(model, tok, evalset, cfg, desc="SFT")
-pd.DataFrame([summary])'''),
+print("rm_score –: not measured here (no reward model yet: 2_critic trains it)")
+pd.DataFrame([summary]).fillna("–")'''),
     code('''pd.DataFrame(util.per_family_accuracy(rows)).T'''),
     code('''pd.DataFrame(rows)[["family", "gold", "greedy", "sampled", "sampled_ok"]].head(12)'''),
     code('''metrics = {"preset": cfg.preset, "sft_seconds": sft_seconds, "history": history, **summary,
@@ -374,11 +382,16 @@ ax.hist(chosen, bins=40, alpha=0.6, label="chosen"); ax.hist(rejected, bins=40, 
 ax.set_xlabel("raw reward"); ax.legend(); ax.set_title("held-out scores");'''),
     md("""The pairs it gets wrong (if any): what kind of mistake fools it? Mostly a wrong column or a wrong value: to
 see it, the score read at the EOS must compare one token of the SQL with a word of the question, fifty tokens back.
-Notebook 5 (DPO) ranks the same held-out pairs with a different scorer — the policy's log-probability ratio,
-summed token by token — and gets most of these right: compare its `val_reward_acc` (on validation pairs) with the accuracy here."""),
+Notebook 5 (DPO) ranks pairs with a different scorer — the policy's log-probability ratio, summed token by
+token. Its curve `val_reward_acc` is measured on the first 200 validation pairs; the reward model's accuracy on
+those same pairs is printed here, so the two can be compared like for like."""),
     code('''wrong = [dict(family=r["family"], chosen=r["chosen"], rejected=r["rejected"], margin=round(c - j, 3))
          for r, c, j in zip(evalset, chosen, rejected) if c <= j]
 print(len(wrong), "wrong pairs")
+val_pairs = util.load_data(cfg, "pref", split="val")[:200]      # the pairs of DPO's curve
+vc, vr = util.score_pairs(rm, tok, val_pairs, cfg, device)
+print(f"on DPO's {len(val_pairs)} validation pairs the reward model ranks "
+      f"{sum(c > j for c, j in zip(vc, vr)) / len(val_pairs):.3f} right")
 pd.DataFrame(wrong).head(10)'''),
     md(r"""
 ## Normalisation
@@ -448,7 +461,7 @@ part:
 4. **Advantages** by GAE: $\delta_t = r_t + \gamma V(s_{t+1}) - V(s_t)$,
    $\hat A_t = \sum_l (\gamma\lambda)^l \delta_{t+l}$, returns $\hat R_t = \hat A_t + V(s_t)$; then
    whitened over the real answer tokens.
-5. **Several epochs of minibatch updates** on this rollout, so the clip really acts:
+5. **Several epochs of minibatch updates** on this rollout, so the ratio moves and the clip can act:
    $$L^{\text{clip}} = -\mathbb{E}\big[\min(\rho_t \hat A_t,
      \ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\hat A_t)\big],\quad
      \rho_t = \frac{\pi_\theta(y_t)}{\pi_{\text{old}}(y_t)}$$
@@ -533,6 +546,24 @@ print(f"answer {i}: {ro.texts[i]!r}\\nreward on its last token {tokens[-1]!r}: R
 table[table.columns[1:]] = table[table.columns[1:]].round(4) + 0.0   # + 0.0: no -0.0
 table'''),
     md(r"""
+Reading the table. The **values** are the critic's guesses before each token; the **returns** what
+the answer then earned; their difference is the raw advantage, and it says which way each token is
+pushed. How far a token's probability can move is another matter: the gradient of $\log p$ shrinks
+as $p$ nears 1, so a token the actor already writes with near certainty hardly moves, whatever its
+advantage. The answer's credit lands on its few uncertain tokens. In this batch:"""),
+    code('''import math
+low = int(table["log-prob"].idxmin())
+sure = table["log-prob"] > math.log(0.9)
+print(f"value {table['value'].min():.2f} .. {table['value'].max():.2f} along the answer; return "
+      f"{table['return'].min():.2f} .. {table['return'].max():.2f}")
+print(f"{int(sure.sum())} of {n} tokens have p > 0.9; the least likely is {table['token'][low]!r} "
+      f"(p = {math.exp(table['log-prob'][low]):.2f})")
+util.expect(table["value"].max() < table["return"].min(),
+            "the critic guesses lower than the return at every token: it starts as the reward "
+            "model, which scores an unfinished answer low, so every raw advantage is positive")
+util.expect(sure.sum() >= n / 2, "most of this answer's tokens are near certain (p > 0.9): the "
+            "update can move only the few uncertain ones")'''),
+    md(r"""
 ### GAE, checked against its definition
 
 $\hat A_t = \sum_{l \ge t} (\gamma\lambda)^{l-t}\,\delta_l$ with $\delta_l = r_l + \gamma V_{l+1} -
@@ -575,7 +606,8 @@ print(f"pg_loss {round(pg, 4) + 0.0:.4f}: the clipped surrogate, -advantage * ra
       f"  (0 before any step: ratio 1, whitened advantages average 0; its gradient is not 0)\\n"
       f"vf_loss {vf:.4f}: half the squared error of the values against the returns (clipped)\\n"
       f"vf_coef * vf_loss = {cfg.vf_coef} * {vf:.4f} = {cfg.vf_coef * vf:.4f}\\n"
-      f"loss = pg_loss + vf_coef * vf_loss = {pg + cfg.vf_coef * vf:.4f}: one backward")'''),
+      f"loss = pg_loss + vf_coef * vf_loss = {pg + cfg.vf_coef * vf:.4f}: one backward, but\\n"
+      f"  two networks with an optimizer each: vf_coef only scales the critic's gradient")'''),
     md("""
 Now one optimizer step on this minibatch, with `util.ppo_update` itself (one epoch, one minibatch),
 then the same losses again: the ratio has left 1. Then more steps, as many as `ppo_update` takes on
@@ -616,6 +648,33 @@ for step in range(1, n_steps + 1):
         print("after one step, the ratio over the answer tokens:")
         print(pd.Series(out["ratio"][mask].tolist()).describe().round(4).to_string())
 pd.DataFrame(steps).round(5)'''),
+    md(r"""
+### The clipped losses by hand, now that the ratio has moved
+
+After these steps the ratio is no longer 1, so the clip can act. By hand, on the last step's numbers:
+a token is clipped where its ratio is past the bound its advantage pushes towards ($\hat A > 0$ and
+$\rho > 1 + \epsilon$, or $\hat A < 0$ and $\rho < 1 - \epsilon$); there its loss is
+$-\hat A\,(1 \pm \epsilon)$, a constant, and elsewhere $-\hat A\,\rho$. The value loss: the new
+value clipped to within `cliprange_value` of the rollout's, the larger of the two squared errors
+kept, halved. Both against `util.ppo_policy_loss` and `util.ppo_value_loss`, which `ppo_losses`
+called."""),
+    code('''A, ratio = advantages[mb], out["ratio"]
+lo, hi = 1 - cfg.cliprange, 1 + cfg.cliprange
+clipped = ((A > 0) & (ratio > hi)) | ((A < 0) & (ratio < lo))      # past the bound A pushes to
+per_token = torch.where(clipped, -A * ratio.clamp(lo, hi), -A * ratio)
+pg_by_hand = per_token[mask].mean()
+V, V_old, R = out["values"], ro.values[mb], returns[mb]
+V_clip = V_old + (V - V_old).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+vf_by_hand = 0.5 * torch.maximum((V - R) ** 2, (V_clip - R) ** 2)[mask].mean()
+print(f"tokens clipped: {int(clipped[mask].sum())} of {int(mask.sum())}; ratio "
+      f"{float(ratio[mask].min()):.3f} .. {float(ratio[mask].max()):.3f}")
+print(f"pg_loss by hand {float(pg_by_hand):.6f}   util.ppo_policy_loss {float(out['pg_loss']):.6f}")
+print(f"vf_loss by hand {float(vf_by_hand):.6f}   util.ppo_value_loss  {float(out['vf_loss']):.6f}")
+assert torch.allclose(pg_by_hand, out["pg_loss"], atol=1e-5)
+assert torch.allclose(vf_by_hand, out["vf_loss"], atol=1e-5)
+util.expect(clipped[mask].any(), "after these steps on one rollout some tokens are clipped: their "
+            "gradient is 0, the incentive to move them further is gone",
+            "no ratio moved past its bound on this batch")'''),
     code('''# the full run below loads its own models: these go, and their memory with them
 del models, opts, ro, out, ref_logits, ref_logp, logp
 util.free_memory()'''),
@@ -649,6 +708,22 @@ util.plot_history(h, "iteration", [["rm_score"], ["gold_acc"], ["kl"], ["entropy
                   "what PPO optimises, and what it costs")
 util.plot_history(h, "iteration", [["clipfrac", "approx_kl"], ["pg_loss"], ["vf_loss"], ["length"],
                                    ["eos_rate"]], "PPO health");'''),
+    md("""
+What the run's health curves show, in numbers. `kl` is in **nats per answer**: the sum over an
+answer's tokens of $\\log\\pi - \\log\\pi_{\\text{ref}}$ (k1), the unit of `kl_target`. `clipfrac` is
+the share of tokens the clip acted on, `approx_kl` the mean change of log-prob per token within an
+iteration's updates. `vf_coef` scales the critic's loss, but actor and critic are separate networks
+with an AdamW each: the factor only scales the critic's gradient, which Adam's normalisation undoes
+(it matters through the gradient clip, which then sees a gradient `vf_coef` times smaller)."""),
+    code('''log = pd.DataFrame(h)
+print(f"clipfrac: mean {log['clipfrac'].mean():.4f}, max {log['clipfrac'].max():.4f};  approx_kl: "
+      f"max {log['approx_kl'].max():.4f};  kl (nats / answer): {log['kl'].iloc[-5:].mean():.2f} "
+      f"over the last 5 iterations, target {cfg.kl_target}")
+util.expect(log["clipfrac"].max() < 0.05, "the clip seldom acts in this run (under 5 % of tokens "
+            "in every iteration): the KL penalty and the small, annealed learning rate keep each "
+            "update close to the rollout's policy; the clip is the guard, not the brake")'''),
+    code('''for fn in (util.ppo_policy_loss, util.ppo_value_loss, util.adaptive_kl):
+    util.show_source(fn)                            # the losses and the KL controller, as they run'''),
     code('''times = pd.DataFrame(h)[["time_generate", "time_score", "time_train"]]
 print(f"time per iteration: {times.sum(axis=1).mean():.2f} s")
 ax = times.plot.area(figsize=(7, 3), title="time split per iteration (s)")
@@ -879,12 +954,12 @@ print(f"the loop uses dpo_loss={cfg.dpo_loss!r}, beta={beta}")
 assert torch.isclose(by_hand, loss) and torch.isclose(ipo_by_hand, ipo)
 assert torch.allclose(rc, reward[:k]) and torch.allclose(rr, reward[k:])'''),
     md("""
-The RPO term by hand: each chosen answer's $-\\log\\pi_\\theta(y_c\\mid x)$ over its number of tokens (the labels
-that are not $-100$), a mean over the pairs, against `util.chosen_nll` (what `dpo_step` adds, times
+The RPO term by hand: the chosen answers' $-\\log\\pi_\\theta(y_c\\mid x)$ summed, over their number of tokens (the
+labels that are not $-100$): one token mean over the batch, as in SFT, against `util.chosen_nll` (what `dpo_step` adds, times
 `dpo_sft_weight`). Unlike the DPO loss it does not start at the same value for every batch: it is notebook 1's SFT
 loss on these answers, and its gradient raises $\\log\\pi(y_c)$ whatever happens to $y_r$."""),
     code('''n_tokens = (labels[:k, 1:] != -100).sum(1)                  # answer tokens of each chosen answer
-nll_by_hand = (-logp[:k] / n_tokens).mean()
+nll_by_hand = -logp[:k].sum() / n_tokens.sum()              # every chosen token weighs the same
 nll = util.chosen_nll(logp[:k], labels[:k])
 print("tokens per chosen answer:", n_tokens.tolist())
 print(f"SFT term by hand: {nll_by_hand:.4f}   util.chosen_nll: {nll:.4f}")
@@ -971,7 +1046,8 @@ sft_model = ref if ref is not None else util.load_causal_lm(cfg.path("actor"), d
 summary, rows = util.evaluate_policy(actor, tok, evalset, cfg, rm=rm, ref=sft_model, desc="DPO")
 sft = json.loads((cfg.path("actor") / "metrics.json").read_text())
 keys = ["exec_acc_greedy", "exec_acc_sampled", "rm_score", "kl_to_sft", "eos_rate"]
-pd.DataFrame({"SFT": {k: sft.get(k) for k in keys}, "DPO": {k: summary[k] for k in keys}}).T'''),
+print("–: not measured (1_actor's evaluation of SFT ran before there was a reward model)")
+pd.DataFrame({"SFT": {k: sft.get(k) for k in keys}, "DPO": {k: summary[k] for k in keys}}).T.fillna("–")'''),
     code('''pd.DataFrame({"SFT": {f: v["sampled_ok"] for f, v in sft["per_family"].items()},
               "DPO": {f: v["sampled_ok"] for f, v in util.per_family_accuracy(rows).items()}})'''),
     code('''pd.DataFrame(rows)[["family", "gold", "greedy", "sampled", "sampled_ok"]].head(10)'''),
@@ -1013,29 +1089,63 @@ One prompt, $G$ = `grpo_group_size` answers sampled from the SFT actor with the 
 sampler (`util.generate`, at the loop's temperature), each cut at its first EOS
 (`util.response_mask`), rewarded in sqlite (`util.exec_rewards`, `util.format_rewards`), then given
 its group-relative advantage (`util.group_advantages`): the steps of `util.grpo_iteration`, for one
-of its prompts. The prompt is from the `compare` family, where the SFT actor is right about half the
-time. Look at the `advantage` column: positive above the group's mean reward, negative below; a
-group whose answers all get the same reward has std 0 and gives every answer 0, no signal."""),
+of its prompts. Many prompts teach nothing: the SFT actor writes answers of the same worth every
+time, so the group's rewards are all equal, and so are its advantages. The cell samples groups for
+prompts of the `compare` family, one after the other, until it meets one whose rewards differ, and
+keeps the first all-equal group it met too. Look at the `advantage` column."""),
     code('''import torch
 tok = util.load_tokenizer(cfg.path("actor"))
 train = util.load_data(cfg, "prompt")              # as train_grpo reads them
 sft = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)    # the policy at iteration 0
-row = next((r for r in train if r.get("family") == "compare"), train[0])
-print(row["prompt"], "\\ngold:", row["chosen"])
-group = [row] * cfg.grpo_group_size                  # one prompt, G times, as in grpo_iteration
+
+
+def sample_group(row):
+    """One prompt, G times, as in grpo_iteration: sampled, cut at EOS, rewarded, advantages."""
+    group = [row] * cfg.grpo_group_size
+    qr, prompt_mask, lq = util.generate(sft, tok, [r["prompt"] for r in group], cfg)
+    responses = qr[:, lq:]
+    mask = util.response_mask(responses, tok.eos_token_id).float()   # 1 up to the first EOS
+    _, has_eos = util.first_eos_index(responses, tok.eos_token_id)
+    texts = util.decode_responses(tok, responses)
+    acc = util.exec_rewards(group, texts)
+    fmt = util.format_rewards(group, texts, has_eos.tolist())
+    rewards = torch.tensor(acc) + cfg.grpo_format_weight * torch.tensor(fmt)
+    return dict(row=row, qr=qr, prompt_mask=prompt_mask, lq=lq, mask=mask, has_eos=has_eos,
+                texts=texts, acc=acc, fmt=fmt, rewards=rewards,
+                adv=util.group_advantages(rewards, cfg.grpo_group_size))
+
+
 util.set_seed(cfg.seed)
-qr, prompt_mask, lq = util.generate(sft, tok, [r["prompt"] for r in group], cfg)
-responses = qr[:, lq:]
-mask = util.response_mask(responses, tok.eos_token_id).float()   # 1 up to the first EOS, included
-_, has_eos = util.first_eos_index(responses, tok.eos_token_id)
-texts = util.decode_responses(tok, responses)
-acc = util.exec_rewards(group, texts)
-fmt = util.format_rewards(group, texts, has_eos.tolist())
-rewards = torch.tensor(acc) + cfg.grpo_format_weight * torch.tensor(fmt)
-adv = util.group_advantages(rewards, cfg.grpo_group_size)
+mixed = flat = None
+tried = []                                          # True: that prompt's group had mixed rewards
+for row in [r for r in train if r.get("family") == "compare"][:30]:
+    g = sample_group(row)
+    tried.append(len(set(g["rewards"].tolist())) > 1)
+    if tried[-1]:
+        mixed = mixed or g
+    else:
+        flat = flat or g
+    if mixed and flat:
+        break
+print(f"groups sampled: {len(tried)}, with mixed rewards: {sum(tried)}")
+g = mixed or flat                     # (in the smoke preset every group may be all-equal)
+qr, prompt_mask, lq, mask, has_eos = g["qr"], g["prompt_mask"], g["lq"], g["mask"], g["has_eos"]
+texts, acc, fmt, rewards, adv = g["texts"], g["acc"], g["fmt"], g["rewards"], g["adv"]
+print(g["row"]["prompt"], "\\ngold:", g["row"]["chosen"])
 pd.DataFrame({"answer": texts, "tokens": mask.sum(1).int().tolist(), "EOS": has_eos.tolist(),
               "exec": acc, "format": fmt, "reward": rewards.tolist(),
               "advantage": adv.tolist()})'''),
+    code('''util.expect(mixed is not None and (adv > 0).any() and (adv < 0).any(),
+            "in this group the answers above the mean reward get a positive advantage, those "
+            "below a negative one", "no group with mixed rewards among the prompts tried")
+if flat is not None:
+    print("\\nan all-equal group:", flat["row"]["prompt"][-70:])
+    print("  rewards:   ", [round(r, 2) for r in flat["rewards"].tolist()])
+    print("  advantages:", [f"{a:.1e}" for a in flat["adv"].tolist()])
+    # (r - mean) / (std + 1e-4) with std 0: what is left is float32's rounding of r - mean
+    util.expect(flat["adv"].abs().max() < 1e-2,
+                "an all-equal group gives every answer an advantage of about 0 (float32 rounding "
+                "divided by the helper's eps 1e-4): no signal; only the KL term acts on it")'''),
     md("""
 By hand: the group's mean and standard deviation, and the advantages $(r_i - \\text{mean}) /
 \\text{std}$, against `util.group_advantages`. (With `grpo_rm_weight > 0` the loop adds the reward
@@ -1077,6 +1187,25 @@ print(f"GRPO wall time: {grpo_seconds:.0f} s")'''),
                   "GRPO: reward on the training prompts and what it costs");'''),
     code('''cols = ["iteration", "reward", "gold_acc", "format_rate", "groups_without_signal", "kl", "clipfrac", "length", "sample"]
 pd.DataFrame(history)[cols].iloc[::max(1, len(history) // 10)].round(3)'''),
+    md("""
+Two columns of the log need reading. `groups_without_signal` is the share of an iteration's groups
+whose rewards were all equal (all right, or all wrong the same way): like the group above, they give
+every answer an advantage of about 0, so only the other groups move the policy, and the KL term. It
+grows as the policy gets more training prompts right every time. `format_rate` is the share of
+answers that earn the format reward: the SFT actor already writes one `SELECT` ending in EOS, so it is
+near 1 from the start, and the format reward, the same for every answer of a group, cancels in the
+advantage. And `kl` in this log is the loss's own term: the k3 estimate, a **mean per answer
+token**; the evaluation's `kl_to_sft` below is k1 summed over an answer, **nats per answer**, as in
+PPO. What this run shows:"""),
+    code('''log = pd.DataFrame(history)
+k = max(1, len(log) // 4)                            # the first and the last quarter of the run
+early, late = log["groups_without_signal"][:k].mean(), log["groups_without_signal"][-k:].mean()
+print(f"groups without signal: {early:.2f} of them in the first {k} iterations, {late:.2f} in the "
+      f"last {k}; format_rate {log['format_rate'].min():.2f} at its lowest")
+util.expect(late > early, "groups without signal grow as the policy gets the training prompts "
+            "right every time")
+util.expect(log["format_rate"].min() > 0.9, "format_rate stays near 1: the format reward is the "
+            "same for every answer of a group, so it hardly ever makes an advantage")'''),
     md("## The gold metric on held-out prompts, next to SFT"),
     code('''import json
 evalset = util.load_data(cfg, "eval")
@@ -1086,7 +1215,8 @@ sft_model = util.load_causal_lm(cfg.path("actor"), device=device, cfg=cfg)
 summary, rows = util.evaluate_policy(actor, tok, evalset, cfg, rm=rm, ref=sft_model, desc="GRPO")
 sft = json.loads((cfg.path("actor") / "metrics.json").read_text())
 keys = ["exec_acc_greedy", "exec_acc_sampled", "rm_score", "kl_to_sft", "eos_rate"]
-pd.DataFrame({"SFT": {k: sft.get(k) for k in keys}, "GRPO": {k: summary[k] for k in keys}}).T'''),
+print("–: not measured (1_actor's evaluation of SFT ran before there was a reward model)")
+pd.DataFrame({"SFT": {k: sft.get(k) for k in keys}, "GRPO": {k: summary[k] for k in keys}}).T.fillna("–")'''),
     code('''pd.DataFrame({"SFT": {f: v["sampled_ok"] for f, v in sft["per_family"].items()},
               "GRPO": {f: v["sampled_ok"] for f, v in util.per_family_accuracy(rows).items()}})'''),
     code('''metrics = {"preset": cfg.preset, "grpo_seconds": grpo_seconds, "lora_r": cfg.lora_r, "history": history,

@@ -107,6 +107,8 @@ class Config:
     vf_coef: float = 0.1
     max_grad_norm: float = 1.0
     missing_eos_penalty: float = 1.0
+    # True: the per-token rewards (RM score on the EOS and the KL penalty) scaled to unit spread
+    # over the batch's answer tokens, their mean kept, as TRL's whiten_rewards
     whiten_rewards: bool = False
     save_every: int = 20
     # DPO: offline, on the preference pairs, against the frozen SFT model

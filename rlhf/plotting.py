@@ -1,5 +1,5 @@
-"""What a notebook shows besides numbers: a training history as small plots, a function's source.
-util re-exports these names."""
+"""What a notebook shows besides numbers: a training history as small plots, a function's source,
+and a sentence about a run checked against that run (expect). util re-exports these names."""
 from __future__ import annotations
 
 
@@ -36,3 +36,17 @@ def show_source(fn) -> None:
         display(Markdown(f"```python\n{src}```"))
     else:
         print(src)
+
+
+# the words expect() prints: tests/test_notebook_claims.py fails on a committed notebook that
+# shows MISSED, so a recipe change that makes a sentence false fails make test
+SEEN, MISSED = "seen in this run:", "NOT seen in this run:"
+
+
+def expect(holds, claim: str, otherwise: str = "") -> bool:
+    """A notebook's sentence about its run, checked on the run's own numbers: prints the claim as
+    seen, or as not seen with what that means (a message, not an error that stops the notebook)."""
+    holds = bool(holds)
+    why = f" ({otherwise})" if otherwise and not holds else ""
+    print(f"{SEEN if holds else MISSED} {claim}{why}")
+    return holds

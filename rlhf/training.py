@@ -31,6 +31,9 @@ def make_optimizer(model, lr: float, steps: int, warmup: float = 0.05, weight_de
     import torch
     from transformers import get_cosine_schedule_with_warmup
     params = [p for p in model.parameters() if p.requires_grad]
+    # betas (0.9, 0.95): the GPT-3 / nanoGPT choice, a shorter memory of the second moment than
+    # torch's 0.999, so a burst of large gradients fades sooner; eps is torch's 1e-8 (cleanRL's
+    # PPO uses 1e-5, which damps steps on parameters with tiny gradients; not tuned here)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     return opt, get_cosine_schedule_with_warmup(opt, int(warmup * steps), steps)
 

@@ -1,5 +1,6 @@
 """DPO, GRPO and LoRA: the losses and advantages against hand-computed and brute-force references."""
 import copy
+import dataclasses
 import math
 import statistics
 
@@ -36,21 +37,38 @@ def test_dpo_and_ipo_losses_by_hand():
 
 
 def test_rpo_term_is_the_chosen_answers_per_token_nll(tok, micro_dirs, rows):
-    """chosen_nll against a token loop: -log pi per token of each chosen answer, then a mean over
-    pairs (a sum over tokens, or over the rejected answers, would differ: the lengths differ)."""
+    """chosen_nll against a token loop: -log pi of every chosen answer token, one mean over all of
+    them (a mean per answer then over pairs, the old one, or a sum, or the rejected answers, would
+    differ: the lengths differ)."""
     model = util.load_causal_lm(micro_dirs.path("actor"))
     part = rows[:3]
     ids, mask, labels = util.pair_batch(tok, part, micro_dirs)
     with torch.no_grad():
         got = util.chosen_nll(util.answer_logprobs(model, ids, mask, labels)[:3], labels[:3])
-    per_pair = []
+    every, per_pair = [], []
     for r in part:
         p, a = util.encode_prompt(tok, r["prompt"]), util.encode_response(tok, r["chosen"])
         logits = model(input_ids=torch.tensor([p + a])).logits[0]
         nll = [-torch.log_softmax(logits[len(p) + t - 1], -1)[a[t]].item() for t in range(len(a))]
+        every += nll
         per_pair.append(sum(nll) / len(nll))
     assert len({len(util.encode_response(tok, r["chosen"])) for r in part}) > 1     # lengths differ
-    assert got.item() == pytest.approx(sum(per_pair) / 3, abs=1e-4)
+    assert got.item() == pytest.approx(sum(every) / len(every), abs=1e-4)
+    assert abs(got.item() - sum(per_pair) / 3) > 1e-3         # the per-answer mean is another one
+
+
+def test_rpo_term_is_one_token_mean_over_the_batch_in_micro_batches(tok, micro_dirs, rows):
+    """dpo_step in micro-batches of 1 pair gives the loss of the whole batch at once: the SFT
+    term's token mean is over the batch's chosen tokens, not a mean of micro-batch means."""
+    cfg = util.get_config("smoke", out_dir=micro_dirs.out_dir, dpo_sft_weight=1.0)
+    ref = util.load_causal_lm(cfg.path("actor"))
+    policy = _perturbed(util.load_causal_lm(cfg.path("actor")))
+    part = rows[:4]
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    whole = util.dpo_step(policy, policy, ref, tok, opt, None, part, cfg, "cpu", 1)[0]
+    pieces = util.dpo_step(policy, policy, ref, tok, opt, None, part,
+                           dataclasses.replace(cfg, micro_batch_size=1), "cpu", 1)[0]
+    assert pieces == pytest.approx(whole, abs=1e-5)
 
 
 def test_dpo_step_adds_the_weighted_rpo_term(tok, micro_dirs, rows):

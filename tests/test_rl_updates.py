@@ -135,3 +135,29 @@ def test_ppo_micro_batches_give_the_whole_minibatch_gradients(micro_dirs, tok):
         assert torch.allclose(x, y, rtol=1e-3, atol=1e-6), (x.norm(), y.norm())
     for x, y in zip(p0, p2):                                          # the same weights after it
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_whiten_rewards_whitens_the_per_token_rewards_kl_included_as_trl():
+    """whiten_rewards scales the rewards PPO's GAE reads, KL penalty and score together, to unit
+    spread over the answer tokens, keeping their mean (TRL's masked_whiten(shift_mean=False)).
+    The old version whitened only the scores: its KL tokens kept -kl_coef * KL exactly."""
+    g = torch.Generator().manual_seed(3)
+    B, L = 4, 6
+    mask = (torch.arange(L)[None] < torch.tensor([6, 4, 5, 2])[:, None]).float()
+    logprobs = torch.randn(B, L, generator=g) * mask
+    ref = (logprobs + 0.3 * torch.randn(B, L, generator=g)) * mask
+    ro = util.Rollout(None, None, 0, mask, mask.sum(1).long() - 1, logprobs, ref,
+                      torch.zeros(B, L), torch.tensor([1.5, -0.5, 2.0, 0.0]),
+                      torch.ones(B, dtype=bool), [""] * B, [None] * B)
+    kl_coef = 0.5
+    plain = util.ppo_advantages(ro, _cfg(), kl_coef)[1]
+    white = util.ppo_advantages(ro, _cfg(whiten_rewards=True), kl_coef)[1]
+    m = mask.bool()
+    mean, std = plain[m].mean(), plain[m].std(unbiased=False)
+    assert torch.allclose(white[m], (plain[m] - mean) / std + mean, atol=1e-5)
+    assert float(white[m].std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+    assert float(white[m].mean()) == pytest.approx(float(mean), abs=1e-5)
+    assert (white[~m] == 0).all()
+    kl_only = m.clone()
+    kl_only[torch.arange(B), ro.end_index] = False      # the tokens with no score on them
+    assert not torch.allclose(white[kl_only], plain[kl_only])   # the KL penalty is whitened too
