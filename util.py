@@ -55,8 +55,8 @@ from rlhf.model_files import (_require, cache_kwarg, check_tokenizer_matches,
                               prepare_base_models, run_in_precision, tiny_opt_config,
                               train_tokenizer)
 from rlhf.plotting import expect, plot_history, show_source
-from rlhf.runtime import (accelerator, colab_setup, free_memory, get_device, hub_reachable,
-                          my_share, progress, set_seed, unwrap)
+from rlhf.runtime import (accelerator, colab_setup, free_memory, get_device, global_sum,
+                          hub_reachable, my_share, progress, set_seed, unwrap)
 from rlhf.saving import (_json_safe, inputs_fingerprint, load_ppo_state, optimizer_from_tensors,
                          ppo_settings, prompts_digest, save_model, save_ppo_checkpoint,
                          write_json, write_run_record)
@@ -234,12 +234,15 @@ def sft_step(model, wrapped, tok, opt, scaler, batch: list, cfg: Config, device,
     """One optimizer step of SFT on a batch of examples, in micro-batches; returns its loss."""
     parts = [right_pad_batch(p, tok.pad_token_id) for p in micro_batches(batch, cfg)]
     n_answer = [int((labels[:, 1:] != -100).sum()) for _, _, labels in parts]
+    # the answer tokens of the whole batch, over every process (batch is this process's share);
+    # DDP averages the processes' gradients, hence the factor num_processes below
+    n_total, world = global_sum(sum(n_answer)), accelerator().num_processes
     opt.zero_grad(set_to_none=True)
     loss = 0.0
     for b, n in zip(parts, n_answer):
-        # each micro-batch's token-mean weighted by its share of the answer tokens: the parts add
-        # up to the whole batch's token-mean, and so do their gradients
-        part = sft_loss(wrapped, b, device) * (n / max(sum(n_answer), 1))
+        # each micro-batch's token-mean weighted by its share of the batch's answer tokens: the
+        # parts add up to the global batch's token-mean, and so do their gradients
+        part = sft_loss(wrapped, b, device) * (n * world / max(n_total, 1))
         check_finite(part, "SFT loss", step)
         backward(part, scaler)
         loss += float(part.detach())

@@ -180,6 +180,15 @@ def my_share(idx: list) -> list:
     return idx[acc.process_index::acc.num_processes]
 
 
+def global_sum(n: int) -> int:
+    """n summed over every process (n itself when there is one)."""
+    acc = accelerator()
+    if acc.num_processes == 1:
+        return n
+    import torch
+    return int(acc.reduce(torch.tensor(n, device=acc.device), reduction="sum"))
+
+
 def free_memory() -> None:
     """Give back what deleted models held: Python's garbage, accelerate's references, CUDA's cached
     blocks (the next stage, or a notebook run after this one in the same runtime, gets the GPU

@@ -72,3 +72,30 @@ def test_dpo_loss_sign_and_ipo_target():
     assert swapped.item() == pytest.approx(-math.log(sigmoid(-0.2)), abs=1e-6)
     ipo, _, _ = util.dpo_loss(lc, lr, rc, rr, beta=0.1, loss_type="ipo")    # target 1 / (2 beta) = 5
     assert ipo.item() == pytest.approx((2 - 5) ** 2)
+
+
+def test_sft_step_over_two_processes_averages_to_the_global_token_mean(monkeypatch, micro_dirs,
+                                                                       tok, rows):
+    """Two processes, each with its share of a batch whose shares hold different numbers of answer
+    tokens: the average of their gradients (what DDP takes) is the gradient of the whole batch's
+    token mean. A token mean per process, averaged, would weigh the short share's tokens more."""
+    import torch
+    cfg = util.get_config("smoke", out_dir=micro_dirs.out_dir, max_grad_norm=1e6)
+    examples = util.row_examples(tok, rows[:8], cfg)
+    shares = [examples[0::2], examples[1::2]]                      # as util.my_share splits them
+    tokens = [sum(sum(x != -100 for x in lab[1:]) for _, lab in s) for s in shares]   # answer tokens
+    assert tokens[0] != tokens[1]
+
+    def grads(batch):
+        model = util.load_causal_lm(micro_dirs.path("actor"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        util.sft_step(model, model, tok, opt, None, batch, cfg, "cpu", 1)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    whole = grads(examples)
+
+    class TwoProcesses:
+        num_processes = 2
+    monkeypatch.setattr(util, "accelerator", lambda: TwoProcesses())
+    monkeypatch.setattr(util, "global_sum", lambda n: sum(tokens))      # the all-reduce
+    averaged = (grads(shares[0]) + grads(shares[1])) / 2
+    assert torch.allclose(averaged, whole, atol=1e-6)
