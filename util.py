@@ -9,7 +9,7 @@
   DPO / GRPO    preference optimisation without a reward model; group-relative RL on rewards
   evaluation    execution accuracy greedy and sampled, RM score, KL to SFT, win rate; the report
   one stage     run_stage: a stage trained, saved and logged without its notebook
-  command line  `python util.py sft|rm|ppo|dpo|grpo|report|make-dataset|...`: main
+  command line  `python util.py sft|rm|ppo|dpo|grpo|report|pack|unpack|make-dataset|...`: main
 
 The losses (pairwise_loss, ppo_policy_loss, ppo_value_loss, dpo_loss, grpo_loss, group_advantages)
 are small pure functions that the loops, the notebooks and the tests share.
@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rlhf.archive import check_archive, pack_models, unpack_models
 from rlhf.checks import ConfigError, DataError, check_config
 from rlhf.config import (PRESETS, ROOT, Config, default_preset, get_config, load_config,
                          resolve_precision)
@@ -68,7 +69,7 @@ from rlhf.training import (backward, batches, check_finite, grad_scaler, make_op
                            micro_batches, optimizer_step)
 
 # the plumbing's names that notebooks, tests and the CLI reach as util.X without util using them
-__all__ = ["Config", "ConfigError", "DataError", "PRESETS", "ROOT", "check_config",
+__all__ = ["check_archive", "Config", "ConfigError", "DataError", "PRESETS", "ROOT", "check_config",
            "default_preset", "get_config", "hub_reachable", "load_config", "DATA_SOURCES",
            "FAMILIES", "HABITS", "HABIT_RATE", "Rows", "TrainingStopped", "_json_safe",
            "_sigterm_to_interrupt", "cache_kwarg", "checkpointing_enable", "colab_setup",
@@ -1419,12 +1420,14 @@ def run_stage(stage: str, cfg: Config) -> dict:
 
 def main(argv=None) -> int:
     """`python util.py make-dataset | make-tokenizer | stats`, a stage without its notebook or the
-    report: `python util.py sft|rm|ppo|dpo|grpo|report [--config file.json] [--preset NAME]`."""
+    report: `python util.py sft|rm|ppo|dpo|grpo|report [--config file.json] [--preset NAME]`;
+    `python util.py pack [FILE]` / `unpack FILE`: the SFT and reward models in one file, for a room
+    that starts at 3_rlhf."""
     try:
         return run(argv)
     # a user's mistake (a missing file or model, a bad config field or data row) is one clear
     # line and exit status 2, not a traceback; RLHF_DEBUG=1 shows the traceback
-    except (FileNotFoundError, DataError, ConfigError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, DataError, ConfigError, ValueError) as e:
         if os.environ.get("RLHF_DEBUG"):
             raise
         print(f"tiny-rlhf: error: {e}\n(RLHF_DEBUG=1 shows where it was raised)", file=sys.stderr)
@@ -1434,8 +1437,10 @@ def main(argv=None) -> int:
 def run(argv=None) -> int:
     """main() without its handling of a user's mistakes."""
     ap = argparse.ArgumentParser(prog="python util.py", description=main.__doc__)
-    ap.add_argument("command",
-                    choices=["make-dataset", "make-tokenizer", "stats", *STAGES, "report"])
+    ap.add_argument("command", choices=["make-dataset", "make-tokenizer", "stats", *STAGES,
+                                        "report", "pack", "unpack"])
+    ap.add_argument("file", nargs="?", help="pack: the archive to write (default "
+                    "<out_dir>/tiny-rlhf-<preset>-models.tar.gz); unpack: the archive to read")
     ap.add_argument("--config", help="JSON file of Config fields (see util.Config), e.g. "
                     "{\"preset\": \"smoke\", \"lora_r\": 8}")
     ap.add_argument("--preset", help="preset to start from (overrides the file's); default "
@@ -1455,6 +1460,17 @@ def run(argv=None) -> int:
         report, _ = build_report(cfg, accelerator().device)
         print_report(report)
         print(f"wrote {cfg.path('report.json')}")
+    elif args.command == "pack":        # a finished SFT and reward model for a room (rlhf.archive)
+        cfg = load_config(args.config, args.preset)
+        path = pack_models(cfg, args.file)
+        print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB); hand it out, then: python "
+              f"util.py unpack {path.name}")
+    elif args.command == "unpack":
+        if not args.file:
+            raise ValueError("unpack needs the archive: python util.py unpack FILE")
+        cfg = load_config(args.config, args.preset)
+        folders = unpack_models(args.file, cfg)
+        print(f"unpacked {', '.join(folders)} into {cfg.out_dir}: start at 3_rlhf.ipynb")
     elif args.command == "make-dataset":
         print(write_dataset())
     elif args.command == "make-tokenizer":

@@ -15,6 +15,7 @@ that imports util. Imports run one way: notebooks -> util -> rlhf (tests/test_la
   saving.py       atomic saves, JSON and the run record in logs/, PPO's checkpoint files
   stopping.py     a stage stopped cleanly on Ctrl-C, SIGTERM, a NaN or out-of-memory
   plotting.py     training curves; a function's source shown in a notebook
+  archive.py      a finished model/ packed into one file and unpacked, checked (a room skips ahead)
 
 This file defines nothing and imports nothing: `from rlhf import runtime` loads runtime alone.
 """
