@@ -211,6 +211,11 @@ def label_logits(model, ids, mask, labels):
         hook.remove()
 
 
+def answer_tokens(labels):
+    """How many answer tokens (labels that are not -100) the rows of a batch hold, in all."""
+    return int((labels[:, 1:] != -100).sum())
+
+
 def sft_loss(model, batch, device):
     """Mean cross-entropy over response tokens, the label of each position being the next token."""
     ids, mask, labels = (t.to(device) for t in batch)
@@ -225,7 +230,7 @@ def eval_sft_loss(model, examples, pad_id: int, device, batch_size: int = 64) ->
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             b = right_pad_batch(examples[i:i + batch_size], pad_id)
-            k = int((b[2][:, 1:] != -100).sum())
+            k = answer_tokens(b[2])
             tot, n = tot + float(sft_loss(model, b, device)) * k, n + k
     return tot / n if n else float("nan")      # no held-out answers: no loss to show, not 0
 
@@ -234,7 +239,7 @@ def sft_step(model, wrapped, tok, opt, scaler, batch: list, cfg: Config, device,
              step: int) -> float:
     """One optimizer step of SFT on a batch of examples, in micro-batches; returns its loss."""
     parts = [right_pad_batch(p, tok.pad_token_id) for p in micro_batches(batch, cfg)]
-    n_answer = [int((labels[:, 1:] != -100).sum()) for _, _, labels in parts]
+    n_answer = [answer_tokens(labels) for _, _, labels in parts]
     # the answer tokens of the whole batch, over every process (batch is this process's share);
     # DDP averages the processes' gradients, hence the factor num_processes below
     n_total, world = global_sum(sum(n_answer)), accelerator().num_processes
@@ -886,11 +891,6 @@ def dpo_loss(logp_c, logp_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoi
     else:
         raise ValueError(f"unknown dpo_loss {loss_type!r}: use 'sigmoid' or 'ipo'")
     return loss.mean(), beta * (logp_c - ref_c).detach(), beta * (logp_r - ref_r).detach()
-
-
-def answer_tokens(labels):
-    """How many answer tokens (labels that are not -100) the rows of a batch hold, in all."""
-    return int((labels[:, 1:] != -100).sum())
 
 
 def chosen_nll(logp_c, labels_c, n_tokens: int | None = None):
